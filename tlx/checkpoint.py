@@ -119,8 +119,9 @@ def merge(
 ) -> tuple[dict, dict]:
     """Load `source` variables into `target` (a freshly initialised model's variables), strictly.
 
-    Leaves whose path (without the collection, e.g. 'head/kernel') matches a `reinit` regex keep a fresh value (zeros when
-    reinit_init='zeros', the model's initialiser when 'init'); every other target leaf must exist
+    Leaves whose path (without the collection, e.g. 'head/kernel') matches a `reinit` regex keep
+    a fresh value (zeros when reinit_init='zeros', the model's initialiser when 'init'); every
+    other target leaf must exist
     in the source with the same shape, and every source leaf must be used or match `reinit`.
     Returns (merged variables, report).
     """

@@ -36,7 +36,7 @@ def base() -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg: str | None, defaults: dict) -> dict:
-    """'a=1,b=x' -> {'a': 1, 'b': 'x'} over `defaults`, typed like the defaults; unknown keys fail."""
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'} over `defaults`, typed like them; unknown keys fail."""
     out = dict(defaults)
     if not arg:
         return out
