@@ -39,9 +39,9 @@ SCRIPT = textwrap.dedent("""
     for strategy in ["none", "freeze_early"]:
         a, la = trajectory("jit", strategy)
         b, lb = trajectory("pmap", strategy)
+        leaves = lambda s: jax.tree.leaves((s["params"], s["batch_stats"]))
         diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-                   for u, v in zip(jax.tree.leaves(a["params"]) + jax.tree.leaves(a["batch_stats"]),
-                                   jax.tree.leaves(b["params"]) + jax.tree.leaves(b["batch_stats"])))
+                   for u, v in zip(leaves(a), leaves(b)))
         print(strategy, "max_abs_diff", diff, "losses", la, lb)
         assert diff < 1e-5, diff
         assert np.allclose(la, lb, atol=1e-5)
