@@ -14,6 +14,8 @@ import json
 import os
 import time
 
+from absl import logging
+
 from tlx import config as tlx_config
 from tlx import train
 
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--finetune_steps", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     t0 = time.time()
     os.makedirs(args.workdir, exist_ok=True)
 

@@ -1,6 +1,6 @@
 """The command line: `python -m tlx.main --config=configs/FILE.py[:ARGS] --workdir=DIR`."""
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tlx import train
@@ -15,6 +15,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     summary = train.run(_CONFIG.value, _WORKDIR.value)
     print({k: v for k, v in summary.items() if k.endswith("accuracy") or k == "wall_s"})
 

@@ -1,0 +1,130 @@
+"""The train loop end to end: run-directory contract, resume, init_from, and that transfer works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tlx import checkpoint
+from tlx import config as tlx_config
+from tlx import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_FRACTALS = {
+    "data.fractals.num_classes": 6,
+    "data.fractals.train_per_class": 40,
+    "data.fractals.test_per_class": 10,
+}
+
+
+def cfg(spec, **overrides):
+    return tlx_config.load(os.path.join(ROOT, spec), progress=False, tensorboard=False, **overrides)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    c = cfg("configs/pretrain.py:steps=60,batch_size=32", eval_every=30, **SMALL_FRACTALS)
+    summary = train.run(c, workdir)
+    return workdir, summary
+
+
+def test_run_directory_contract(pretrained):
+    workdir, summary = pretrained
+    for key in ("test_accuracy", "params_trainable", "params_frozen", "opt_state_bytes", "wall_s"):
+        assert key in summary
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == summary
+    assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 60
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_records = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train_records] == [20, 40, 60]
+    assert {"loss", "lr", "images_per_s"} <= set(train_records[0])
+    assert {(r["step"], r["split"]) for r in records if "split" in r} == {
+        (30, "val"),
+        (60, "train"),
+        (60, "val"),
+        (60, "test"),
+    }
+    assert summary["test_accuracy"] > 0.5  # 6 classes: chance is 0.17
+    assert checkpoint.find_state_dir(workdir).endswith("checkpoints/60/state")
+
+
+def test_finetuning_on_digits_from_pretrained_beats_chance_by_far(pretrained, tmp_path):
+    c = cfg(
+        f"configs/finetune.py:target=digits,strategy=freeze_early,steps=80,batch_size=32,"
+        f"init_from={pretrained[0]}"
+    )
+    summary = train.run(c, str(tmp_path))
+    assert summary["test_accuracy"] > 0.6, summary  # 10 classes: chance is 0.1
+    report = json.load(open(tmp_path / "load_report.json"))
+    assert report["reinitialised"] == ["params/head/bias", "params/head/kernel"]
+    assert summary["frozen_stages"] == ["stem", "stage1"]
+    assert summary["params_frozen"] > 0
+
+
+def test_linear_probe_keeps_the_backbone_and_its_statistics_bit_identical(pretrained, tmp_path):
+    c = cfg(
+        f"configs/finetune.py:target=digits,strategy=linear_probe,steps=20,batch_size=32,"
+        f"init_from={pretrained[0]}"
+    )
+    train.run(c, str(tmp_path))
+    before = checkpoint.read_variables(pretrained[0])
+    after = checkpoint.read_variables(str(tmp_path))
+    for coll in ("params", "batch_stats"):
+        for path, a in before[coll].items():
+            if path == "head":
+                continue
+            jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, after[coll][path])
+    assert after["params"]["head"]["kernel"].shape == (64, 10)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    base = dict(SMALL_FRACTALS, **{"optim.schedule": "constant", "eval_train": False})
+    full = train.run(
+        cfg("configs/pretrain.py:steps=16,batch_size=16", **base), str(tmp_path / "full")
+    )
+    part = str(tmp_path / "part")
+    train.run(cfg("configs/pretrain.py:steps=8,batch_size=16", **base), part)
+    resumed = train.run(cfg("configs/pretrain.py:steps=16,batch_size=16", **base), part)
+    assert resumed["resumed_from"] == 8
+    a = checkpoint.read_variables(str(tmp_path / "full"))
+    b = checkpoint.read_variables(part)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def test_init_from_a_checkpoint_of_another_backbone_is_a_clear_error(pretrained, tmp_path):
+    c = cfg(
+        f"configs/finetune.py:backbone=resnet18,target=digits,steps=2,init_from={pretrained[0]}"
+    )
+    with pytest.raises(checkpoint.InitError, match="shape mismatch"):
+        train.run(c, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")
+
+
+def test_cli_rejects_an_unknown_config_key(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tlx.main",
+            "--config=configs/finetune.py:target=digits",
+            f"--workdir={tmp_path}",
+            "--config.optim.learning_rate=0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "learning_rate" in out.stderr
+
+
+def test_config_rejects_an_unknown_arg():
+    with pytest.raises(ValueError, match="unknown config arg 'stratgy'.*strategy"):
+        cfg("configs/finetune.py:stratgy=none")
