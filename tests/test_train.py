@@ -9,9 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from tlx import checkpoint
+from tlx import checkpoint, train
 from tlx import config as tlx_config
-from tlx import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_FRACTALS = {
