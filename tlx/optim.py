@@ -1,13 +1,24 @@
-"""Optimizers and learning-rate schedules from config, one `optax.multi_transform` per run.
+"""Optimizers and learning-rate schedules from config, one `optax.multi_transform` per run phase.
 
 Each leaf gets a group label: `frozen` (updates set to zero, no optimizer state), `head` (the
-newly initialised leaves of a fine-tuning run, with their own larger LR) or `backbone`.
-Clipping and weight decay live inside each trainable branch, so they never touch frozen leaves.
+newly initialised leaves of a fine-tuning run, with their own larger LR) or `backbone`; a leaf
+first unfrozen in a later phase of the run gets a group of its own (`backbone:p2`), so that it
+starts with zero optimizer state while the others carry theirs on. Clipping and weight decay live
+inside each trainable branch, so they never touch frozen leaves.
+
+Per-leaf LR multipliers (layer decay, regex multipliers, Auto-RGN) are not more groups: they are one
+f32 scalar per leaf that the train step multiplies into the branch's update (`state['lr_mult']`).
+Since every update here is `-lr * direction` (SGD, momentum, Adam, AdamW with its decoupled decay),
+`m * update` is exactly the update at LR `m * lr`, with decay scaled alike (as timm's `lr_scale`).
+One mechanism then serves static multipliers and Auto-RGN's, which change every epoch: as data in
+the state they change with no recompilation and no group per tensor, and they are checkpointed.
 """
 
+import math
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -31,6 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
             "nesterov": False,
             "clip_norm": 0.0,  # >0: clip each trainable group's gradient by its global norm
             "label_smoothing": 0.0,
+            # [(regex, multiplier), ...]: LR multiplier of the leaves whose path a regex matches
+            # (first match wins; composes with any strategy and multiplies layer decay/Auto-RGN).
+            "lr_mults": [],
         }
     )
 
@@ -47,27 +61,39 @@ def schedule(cfg, peak_lr: float, total_steps: int) -> optax.Schedule:
             )
         return optax.constant_schedule(peak_lr)
     if cfg.schedule == "warmup_cosine":
+        warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0 if cfg.warmup_steps else peak_lr,
+            init_value=0.0 if warmup else peak_lr,
             peak_value=peak_lr,
-            warmup_steps=cfg.warmup_steps,
-            decay_steps=max(total_steps, cfg.warmup_steps + 1),
+            warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1),
             end_value=peak_lr * cfg.end_lr_factor,
         )
     raise ValueError(f"unknown optim.schedule {cfg.schedule!r}; use 'warmup_cosine' or 'constant'")
 
 
-def group_labels(params, frozen_mask, new_patterns=()) -> dict:
-    """One label per leaf: 'frozen', 'head' (path matches one of `new_patterns`) or 'backbone'."""
+def role(label: str) -> str:
+    """'backbone:p2' -> 'backbone': the group a label's LR comes from."""
+    return label.split(":")[0]
 
-    def label(path, is_frozen):
+
+def group_labels(params, frozen_mask, new_patterns=(), since=None) -> dict:
+    """One label per leaf: 'frozen', 'head' (path matches one of `new_patterns`) or 'backbone';
+    with `since` (a tree of ints), a leaf first trainable in phase k > 0 gets ':p{k}' appended."""
+
+    def label(path, is_frozen, k=0):
         if is_frozen:
             return freeze.FROZEN
-        if any(re.search(p, freeze.path_str(path)) for p in new_patterns):
-            return "head"
-        return "backbone"
+        name = (
+            "head"
+            if any(re.search(p, freeze.path_str(path)) for p in new_patterns)
+            else ("backbone")
+        )
+        return f"{name}:p{k}" if k else name
 
-    return jax.tree_util.tree_map_with_path(label, frozen_mask)
+    if since is None:
+        return jax.tree_util.tree_map_with_path(label, frozen_mask)
+    return jax.tree_util.tree_map_with_path(label, frozen_mask, since)
 
 
 def group_lrs(cfg) -> dict[str, float]:
@@ -90,15 +116,94 @@ def _base(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
     raise ValueError(f"unknown optim.name {cfg.name!r}; use 'adamw' or 'sgd'")
 
 
+def build(cfg, labels, schedules: dict) -> optax.GradientTransformation:
+    """One multi_transform: set_to_zero for 'frozen', the base optimizer at `schedules[label]`
+    (a function of the branch's own step count) for each trainable label."""
+    transforms = {freeze.FROZEN: optax.set_to_zero()}
+    for group in sorted(set(jax.tree.leaves(labels)) - {freeze.FROZEN}):
+        base = _base(cfg, schedules[group])
+        transforms[group] = (
+            optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base) if cfg.clip_norm else base
+        )
+    return optax.multi_transform(transforms, labels)
+
+
 def make(cfg, labels, total_steps: int):
     """(optax transform, {group: schedule}) for the groups present in `labels`."""
     present = set(jax.tree.leaves(labels))
     lrs = group_lrs(cfg)
     schedules = {g: schedule(cfg, lrs[g], total_steps) for g in lrs if g in present}
-    transforms = {freeze.FROZEN: optax.set_to_zero()}
-    for group, sched in schedules.items():
-        base = _base(cfg, sched)
-        transforms[group] = (
-            optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base) if cfg.clip_norm else base
-        )
-    return optax.multi_transform(transforms, labels), schedules
+    return build(cfg, labels, schedules), schedules
+
+
+def carry_state(new_state, old_state):
+    """`new_state` (a fresh init of the next phase's transform) with the state of every trainable
+    group that both phases have taken over from `old_state`. A group's leaves never change
+    between phases (a newly unfrozen leaf gets a new group), so the two states fit."""
+    inner = dict(new_state.inner_states)
+    for group, state in old_state.inner_states.items():
+        if group != freeze.FROZEN and group in inner:
+            inner[group] = state
+    return new_state._replace(inner_states=inner)
+
+
+# -- per-leaf LR multipliers ---------------------------------------------------------------------
+def layer_decay_multipliers(params, decay: float) -> dict:
+    """decay**k for a leaf of the backbone stage k stages below the top one; 1 for the head.
+
+    ULMFiT's discriminative fine-tuning (lr_{l-1} = lr_l / 2.6) with decay=1/2.6, timm's
+    `layer_decay` by stage: the top stage trains at optim.lr, the head at its own head_lr."""
+    stages = freeze.stage_names(params)[:-1]
+    depth = {s: len(stages) - 1 - i for i, s in enumerate(stages)}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: decay ** depth.get(freeze.path_str(p).split("/")[0], 0), params
+    )
+
+
+def regex_multipliers(params, lr_mults) -> dict:
+    """The multiplier of the first (regex, multiplier) pair whose regex matches a leaf's path, 1
+    where none does. A regex that matches nothing, or a multiplier <= 0, is an error."""
+    pairs = [(str(r), float(m)) for r, m in lr_mults]
+    paths = freeze.leaf_paths(params)
+    for r, m in pairs:
+        if not m > 0:
+            raise ValueError(f"optim.lr_mults ({r!r}, {m}): use a multiplier > 0 (freeze instead)")
+        if not any(re.search(r, p) for p in paths):
+            raise ValueError(f"optim.lr_mults regex {r!r} matches no parameter of {paths}")
+
+    def mult(path, _):
+        s = freeze.path_str(path)
+        return next((m for r, m in pairs if re.search(r, s)), 1.0)
+
+    return jax.tree_util.tree_map_with_path(mult, params)
+
+
+def auto_rgn_multipliers(grads, params, eligible) -> dict:
+    """Auto-RGN (Lee et al. 2023): m_i = (||g_i|| / ||w_i||) / max_j (||g_j|| / ||w_j||) over the
+    eligible tensors (a tree of bools); 1 for the others and for eligible tensors with ||w|| = 0
+    (a zero-initialised tensor has no relative gradient norm)."""
+    flat_e = jax.tree.leaves(eligible)
+    ratios = []
+    for g, w, e in zip(jax.tree.leaves(grads), jax.tree.leaves(params), flat_e, strict=True):
+        if e:
+            wn = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32))))
+            gn = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            ratios.append((wn > 0, jnp.where(wn > 0, gn / jnp.where(wn > 0, wn, 1.0), 0.0)))
+        else:
+            ratios.append(None)
+    top = jnp.max(jnp.stack([r for _, r in filter(None, ratios)] or [jnp.float32(1.0)]))
+    top = jnp.where(top > 0, top, 1.0)
+    out = [
+        jnp.float32(1.0) if r is None else jnp.where(ok, r / top, 1.0).astype(jnp.float32)
+        for r, ok in ((x[1], x[0]) if x else (None, None) for x in ratios)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def is_trivial(mults) -> bool:
+    return all(isinstance(m, float) and m == 1.0 for m in jax.tree.leaves(mults))
+
+
+def combine(*trees) -> dict:
+    """The leafwise product of multiplier trees of Python floats."""
+    return jax.tree.map(lambda *ms: math.prod(ms), *trees)

@@ -11,18 +11,85 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm import tqdm
 
-from tlx import checkpoint, data, freeze, models, optim
+from tlx import checkpoint, data, features, freeze, models, optim, strategies
 from tlx.parallel import Runner
 
 
 # -- steps ---------------------------------------------------------------------------------------
-def make_train_step(model, tx, labels, label_smoothing: float = 0.0, axis_name=None):
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def l2_sp_penalty(params, ref, labels, alpha: float, beta: float):
+    """alpha/2 ||w - w0||^2 over trainable transferred leaves + beta/2 ||w||^2 over new ones."""
+    total = jnp.float32(0.0)
+    for w, w0, lbl in zip(
+        jax.tree.leaves(params), jax.tree.leaves(ref), jax.tree.leaves(labels), strict=True
+    ):
+        if lbl == freeze.FROZEN:
+            continue
+        if optim.role(lbl) == "head":
+            if beta:
+                total = total + 0.5 * beta * jnp.sum(jnp.square(w))
+        elif alpha:
+            total = total + 0.5 * alpha * jnp.sum(jnp.square(w - w0))
+    return total
+
+
+def apply_updates(params, updates, labels, lr_mult=None, prox=None):
+    """New params: frozen leaves carried over untouched (bit-identical); trainable ones get
+    `p + m * u` (m: the leaf's LR multiplier, when the run has them). `prox` (L2-SP's proximal
+    form): (alpha, beta, {label: lr}, ref): then w <- w0 + (w - w0) / (1 + lr m alpha) for
+    transferred leaves and w <- w / (1 + lr m beta) for new ones."""
+    flat_p, treedef = jax.tree.flatten(params)
+    flat_u, flat_l = jax.tree.leaves(updates), jax.tree.leaves(labels)
+    flat_m = jax.tree.leaves(lr_mult) if lr_mult is not None else [None] * len(flat_p)
+    flat_r = jax.tree.leaves(prox[3]) if prox else [None] * len(flat_p)
+    out = []
+    for p, u, lbl, m, w0 in zip(flat_p, flat_u, flat_l, flat_m, flat_r, strict=True):
+        if lbl == freeze.FROZEN:
+            out.append(p)
+            continue
+        if m is not None:
+            u = u * m
+        new = p + u.astype(p.dtype)
+        if prox:
+            alpha, beta, lrs, _ = prox
+            lr = lrs[lbl] if m is None else lrs[lbl] * m
+            if optim.role(lbl) == "head":
+                new = new / (1 + lr * beta) if beta else new
+            elif alpha:
+                new = w0 + (new - w0) / (1 + lr * alpha)
+        out.append(new)
+    return jax.tree.unflatten(treedef, out)
+
+
+def make_train_step(
+    model,
+    tx,
+    labels,
+    label_smoothing: float = 0.0,
+    axis_name=None,
+    *,
+    l2_sp=None,
+    global_lr=None,
+):
     """A step on plain pytrees. Frozen leaves are carried over untouched (bit-identical), and
-    nothing here reads the whole gradient tree, so XLA prunes the backward of frozen parts."""
+    nothing here reads the whole gradient tree, so XLA prunes the backward of frozen parts.
+
+    Optional state entries: `lr_mult` (per-leaf LR multipliers) and `l2_sp_ref` (the pre-trained
+    weights w0, with `l2_sp` = {'alpha', 'beta', 'form'}; `global_lr`: label -> fn(step) for the
+    proximal form)."""
     label_leaves = jax.tree.leaves(labels)
+    l2_loss = l2_sp is not None and l2_sp["form"] == "loss"
+    l2_prox = l2_sp is not None and l2_sp["form"] == "proximal"
 
     def step(state, batch):
         def loss_fn(params):
@@ -32,13 +99,15 @@ def make_train_step(model, tx, labels, label_smoothing: float = 0.0, axis_name=N
                 train=True,
                 mutable=["batch_stats"],
             )
-            targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
-            if label_smoothing:
-                targets = optax.smooth_labels(targets, label_smoothing)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, (logits, mutated["batch_stats"])
+            loss = cross_entropy(logits, batch["label"], label_smoothing)
+            total = loss
+            if l2_loss:
+                total = loss + l2_sp_penalty(
+                    params, state["l2_sp_ref"], labels, l2_sp["alpha"], l2_sp["beta"]
+                )
+            return total, (loss, logits, mutated["batch_stats"])
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"]
         )
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -50,12 +119,11 @@ def make_train_step(model, tx, labels, label_smoothing: float = 0.0, axis_name=N
             )
             loss, accuracy = jax.lax.pmean((loss, accuracy), axis_name)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(
-            lambda p, u, lbl: p if lbl == freeze.FROZEN else p + u.astype(p.dtype),
-            state["params"],
-            updates,
-            labels,
-        )
+        prox = None
+        if l2_prox:
+            lrs = {g: fn(state["step"]) for g, fn in global_lr.items()}
+            prox = (l2_sp["alpha"], l2_sp["beta"], lrs, state["l2_sp_ref"])
+        params = apply_updates(state["params"], updates, labels, state.get("lr_mult"), prox)
         trainable_grads = [
             g
             for g, lbl in zip(jax.tree.leaves(grads), label_leaves, strict=True)
@@ -67,6 +135,7 @@ def make_train_step(model, tx, labels, label_smoothing: float = 0.0, axis_name=N
             "grad_norm": optax.tree.norm(trainable_grads),
         }
         new_state = {
+            **state,
             "params": params,
             "batch_stats": batch_stats,
             "opt_state": opt_state,
@@ -165,12 +234,15 @@ def run(config, workdir: str) -> dict:
     eval_batch_size = config.eval_batch_size or batch_size
     runner.check_batch_size(batch_size)
     runner.check_batch_size(eval_batch_size, "eval_batch_size")
+    # strategy='scratch': the same run from a random init (the baseline), whatever init_from says.
+    init_from = "" if config.freeze.strategy == "scratch" else config.init_from
 
     # -- data --
     dataset = data.load(config.data)
+    steps_per_epoch = dataset.num_examples["train"] // batch_size
 
-    # -- model, freeze spec, optimizer --
-    model = models.build(
+    # -- model, strategy (freeze phases, optimizer groups, multipliers, regulariser) --
+    base_model = models.build(
         config.model.name,
         dataset.num_classes,
         stem=config.model.stem or None,
@@ -178,20 +250,19 @@ def run(config, workdir: str) -> dict:
     )
     dummy = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(lambda: model.init(rng, dummy, train=False))
-    mask = freeze.frozen_mask(config.freeze, abstract["params"])
-    model = model.clone(frozen_bn=freeze.frozen_stages(config.freeze, abstract["params"]))
-    new_patterns = list(config.init_reinit) if config.init_from else []
-    labels = optim.group_labels(abstract["params"], mask, new_patterns)
-    tx, schedules = optim.make(config.optim, labels, config.total_steps)
+    abstract = jax.eval_shape(lambda: base_model.init(rng, dummy, train=False))
+    abstract.setdefault("batch_stats", {})
+    plan = strategies.plan(config, abstract, steps_per_epoch, bool(init_from))
 
     # -- init or restore: auto-resume first, then init_from, then scratch --
-    variables = jax.jit(lambda: model.init(rng, dummy, train=False))()
-    variables.setdefault("batch_stats", {})
     ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
-    train_iter = dataset.train_iter(batch_size, seed=config.seed)
     resumed_from = ckpt.latest_step()
-    if resumed_from is None and config.init_from:
+    start = resumed_from or 0
+    phase = plan.index(start)
+    setup = plan.phases[phase]
+    variables = jax.jit(lambda: base_model.init(rng, dummy, train=False))()
+    variables.setdefault("batch_stats", {})
+    if resumed_from is None and init_from:
         source, source_name = load_source(config)
         variables, report = checkpoint.merge(
             dict(variables),
@@ -205,31 +276,83 @@ def run(config, workdir: str) -> dict:
     state = {
         "params": params,
         "batch_stats": variables["batch_stats"],
-        "opt_state": tx.init(params),
+        "opt_state": setup.tx.init(params),
         "step": jnp.asarray(0, jnp.int32),
     }
+    if plan.uses_lr_mult:
+        state["lr_mult"] = strategies.initial_lr_mult(plan, params)
+    if plan.l2_sp:  # w0, once on device (a copy: params and it are donated to each step)
+        state["l2_sp_ref"] = jax.tree.map(np.array, params)
+    cache = features.plan_cache(config, plan, dataset, base_model)
     if resumed_from is not None:
         abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         state, data_state = ckpt.restore(resumed_from, abstract_state)
+    if cache is not None:  # frozen backbone, no augmentation: train the head on features
+        cache.load(state, dataset, eval_batch_size)
+    train_iter = (
+        cache.train_iter(dataset, batch_size, config.seed)
+        if cache is not None
+        else dataset.train_iter(batch_size, seed=config.seed)
+    )
+    if resumed_from is not None:
         train_iter.set_state(data_state)
-    start = int(state["step"])
     state = runner.put_state(state)
 
-    # -- steps --
-    train_step = runner.train_step(
-        make_train_step(model, tx, labels, config.optim.label_smoothing, runner.axis_name)
-    )
-    eval_step = runner.eval_step(make_eval_step(model))
+    # -- steps (one compilation per phase) --
+    def compile_phase(setup):
+        model = base_model.clone(frozen_bn=setup.frozen_bn)
+        smoothing = config.optim.label_smoothing
+        if cache is not None:
+            fn = features.make_head_step(setup.tx, setup.labels, smoothing, runner.axis_name)
+        else:
+            fn = make_train_step(
+                model,
+                setup.tx,
+                setup.labels,
+                smoothing,
+                runner.axis_name,
+                l2_sp=plan.l2_sp,
+                global_lr=setup.global_lr,
+            )
+        grads = None
+        if plan.auto_rgn:
+            grads = jax.jit(
+                strategies.make_grad_estimate(model.clone(axis_name=None), smoothing),
+                in_shardings=(runner.replicated, runner.replicated, runner.batch_sharding),
+                out_shardings=runner.replicated,
+            )
+        return runner.train_step(fn), grads
+
+    train_step, grad_estimate = compile_phase(setup)
+    eval_model = base_model.clone(frozen_bn=setup.frozen_bn)
+    eval_step = runner.eval_step(make_eval_step(eval_model))
 
     def evaluate_all(step, splits):
         host = runner.get_state(state)
         variables = {"params": host["params"], "batch_stats": host["batch_stats"]}
         out = {}
         for split in splits:
-            res = evaluate(eval_step, runner, variables, dataset, split, eval_batch_size)
+            if cache is not None:
+                res = cache.evaluate(runner, host["params"], split, eval_batch_size)
+            else:
+                res = evaluate(eval_step, runner, variables, dataset, split, eval_batch_size)
             log.write({"step": step, "split": split, **res})
             out[split] = res
         return out
+
+    def estimate_lr_mult(state, epoch):
+        """Auto-RGN: multipliers from a few batches of their own stream (the training data order
+        stays that of every other strategy)."""
+        seed = int(np.random.SeedSequence([config.seed, epoch, 0xA9]).generate_state(1)[0])
+        it = dataset.train_iter(batch_size, seed=seed)
+        batches = [runner.put_eval_batch(next(it)) for _ in range(plan.auto_rgn)]
+        host = runner.get_state(state)
+        static = plan.lr_mult or jax.tree.map(lambda _: 1.0, host["params"])
+        host = dict(host)
+        host["lr_mult"] = strategies.auto_rgn_estimate(
+            grad_estimate, host["params"], host["batch_stats"], batches, setup.labels, static
+        )
+        return runner.put_state(jax.device_get(host))
 
     # -- loop --
     log = _Log(workdir, config.tensorboard)
@@ -243,6 +366,19 @@ def run(config, workdir: str) -> dict:
         dynamic_ncols=True,
     )
     for step in range(start + 1, config.total_steps + 1):
+        done = step - 1
+        if plan.index(done) != phase:  # next phase: new groups, new step, carried state
+            phase = plan.index(done)
+            setup = plan.phases[phase]
+            host = dict(runner.get_state(state))
+            opt_state = setup.tx.init(host["params"])
+            if not setup.phase.fresh:
+                opt_state = optim.carry_state(opt_state, host["opt_state"])
+            host["opt_state"] = opt_state
+            state = runner.put_state(host)
+            train_step, grad_estimate = compile_phase(setup)
+        if plan.auto_rgn and done % steps_per_epoch == 0:
+            state = estimate_lr_mult(state, done // steps_per_epoch)
         batch = next(train_iter)
         state, metrics = train_step(state, runner.put_batch(batch))
         n_log += 1
@@ -255,8 +391,8 @@ def run(config, workdir: str) -> dict:
                 rates.append(rate)
             t_log, n_log = now, 0
             record = {"step": step, **m, "images_per_s": rate}
-            for g, sched in schedules.items():
-                record["lr" if g == "backbone" else f"lr_{g}"] = float(sched(step - 1))
+            for g, lr in sorted(setup.global_lr.items()):
+                record["lr" if g == "backbone" else f"lr_{g}"] = float(lr(step - 1))
             log.write(record)
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
@@ -272,15 +408,22 @@ def run(config, workdir: str) -> dict:
     splits = ("train", "val", "test") if config.eval_train else ("val", "test")
     final = evaluate_all(config.total_steps, splits)
     host = runner.get_state(state)
-    trainable, frozen = freeze.count(host["params"], mask)
+    trainable, frozen = freeze.count(host["params"], setup.mask)
     summary = {
         **{f"{s}_accuracy": final[s]["accuracy"] for s in splits},
         **{f"{s}_loss": final[s]["loss"] for s in splits},
         "params_trainable": trainable,
         "params_frozen": frozen,
         "opt_state_bytes": tree_bytes(host["opt_state"]),
-        "frozen_stages": list(model.frozen_bn),
+        "frozen_stages": list(setup.frozen_bn),
         "strategy": config.freeze.strategy,
+        "bn_mode": plan.bn_mode,
+        "phases": [
+            {"start": s.phase.start, "end": s.phase.end, "frozen_stages": list(s.frozen_bn)}
+            for s in plan.phases
+        ],
+        "init_from": init_from,
+        "feature_cache": None if cache is None else cache.describe(),
         "steps": config.total_steps,
         "resumed_from": resumed_from,
         "images_per_s": statistics.median(rates) if rates else None,
