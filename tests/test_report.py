@@ -1,0 +1,195 @@
+"""Aggregation of a sweep: intervals over seeds, paired differences, winners, and the report files,
+checked against values computed by hand."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from tlx import report
+
+T_975_DF2 = 4.302652729749  # t(0.975) with 2 degrees of freedom (tables: 4.303)
+AXES = ["target", "size", "strategy", "seed"]
+
+
+def rows_of(table: dict) -> list[dict]:
+    """{(target, size, strategy): [acc by seed]} -> results.csv-like rows."""
+    out = []
+    for (target, size, strategy), accs in table.items():
+        for seed, acc in enumerate(accs):
+            if acc is not None:
+                out.append(
+                    {
+                        "target": target,
+                        "size": size,
+                        "strategy": strategy,
+                        "seed": seed,
+                        "test_accuracy": acc,
+                        "train_accuracy": 1.0,
+                    }
+                )
+    return out
+
+
+def test_t_interval_of_three_seeds_matches_the_textbook_formula():
+    ci = report.t_interval([0.80, 0.85, 0.90])
+    half = T_975_DF2 * 0.05 / math.sqrt(3)  # t * s / sqrt(n), s = 0.05 exactly
+    assert ci["n"] == 3
+    assert ci["mean"] == pytest.approx(0.85, abs=1e-12)
+    assert ci["std"] == pytest.approx(0.05, abs=1e-12)
+    assert ci["ci_low"] == pytest.approx(0.85 - half, abs=1e-9)
+    assert ci["ci_high"] == pytest.approx(0.85 + half, abs=1e-9)
+    assert half == pytest.approx(0.1242069, abs=1e-7)
+
+
+def test_t_interval_of_one_seed_has_a_mean_and_no_spread():
+    ci = report.t_interval([0.7])
+    assert ci["mean"] == 0.7 and ci["n"] == 1
+    assert math.isnan(ci["std"]) and math.isnan(ci["ci_low"]) and math.isnan(ci["ci_high"])
+
+
+def test_summary_has_one_row_per_cell_over_seeds_with_train_accuracy_beside():
+    rows = rows_of({("digits", "small", "none"): [0.80, 0.85, 0.90]})
+    (s,) = report.summarize(rows, AXES)
+    assert (s["target"], s["size"], s["strategy"], s["n"]) == ("digits", "small", "none", 3)
+    assert s["ci_high"] - s["mean"] == pytest.approx(T_975_DF2 * 0.05 / math.sqrt(3), abs=1e-9)
+    assert s["train_accuracy_mean"] == 1.0
+    assert "seed" not in s
+
+
+def test_paired_differences_use_the_common_seeds_and_say_which_is_better():
+    rows = rows_of(
+        {
+            ("digits", "small", "a"): [0.90, 0.80, 0.70],
+            ("digits", "small", "b"): [0.80, 0.75, 0.60, 0.99],  # seed 3 has no pair: ignored
+            ("digits", "small", "c"): [0.88, 0.78, 0.66],
+        }
+    )
+    pairs = {(p["a"], p["b"]): p for p in report.paired_differences(rows, AXES, "strategy")}
+    assert set(pairs) == {("a", "b"), ("a", "c"), ("b", "c")}
+    ab = pairs[("a", "b")]  # differences 0.10, 0.05, 0.10: mean 1/12, s = 0.05/sqrt(3)
+    half = T_975_DF2 * (0.05 / math.sqrt(3)) / math.sqrt(3)
+    assert ab["n"] == 3
+    assert ab["mean_diff"] == pytest.approx(1 / 12, abs=1e-12)
+    assert ab["ci_low"] == pytest.approx(1 / 12 - half, abs=1e-9)  # 0.0116 > 0
+    assert ab["verdict"] == "a better"
+    # differences 0.02, 0.02, 0.04: every seed favours a, yet with 3 seeds the interval
+    # 0.02667 -+ 4.3027 * 0.011547 / sqrt(3) = [-0.0020, 0.0354] contains zero
+    ac = pairs[("a", "c")]
+    assert ac["mean_diff"] == pytest.approx(0.08 / 3, abs=1e-12)
+    assert ac["ci_low"] == pytest.approx(-0.0020176, abs=1e-6)
+    assert ac["verdict"] == "not different"
+    bc = pairs[("b", "c")]  # differences -0.08, -0.03, -0.06: s = 0.025166, half = 0.062516
+    assert bc["mean_diff"] == pytest.approx(-17 / 300, abs=1e-12)
+    assert bc["ci_high"] == pytest.approx(-17 / 300 + 0.0625163, abs=1e-6)
+    assert bc["verdict"] == "not different"
+
+
+def test_when_the_second_of_a_pair_is_better_the_verdict_names_it():
+    rows = rows_of(
+        {
+            ("digits", "small", "a"): [0.80, 0.75, 0.60],
+            ("digits", "small", "b"): [0.88, 0.82, 0.67],
+        }
+    )
+    (p,) = report.paired_differences(rows, AXES, "strategy")
+    # differences -0.08, -0.07, -0.07: mean -0.07333, s = 0.0057735, half = 0.0143424
+    assert p["ci_high"] == pytest.approx(-0.0733333 + 0.0143424, abs=1e-6)
+    assert p["verdict"] == "b better"
+
+
+def test_a_difference_whose_interval_contains_zero_is_not_different():
+    rows = rows_of(
+        {
+            ("digits", "small", "a"): [0.82, 0.77, 0.84],
+            ("digits", "small", "b"): [0.80, 0.80, 0.80],
+        }
+    )
+    (p,) = report.paired_differences(rows, AXES, "strategy")
+    # differences 0.02, -0.03, 0.04: mean 0.01, s = 0.0360555, half = 0.0895669
+    assert p["mean_diff"] == pytest.approx(0.01, abs=1e-12)
+    assert p["ci_low"] == pytest.approx(0.01 - 0.0895669, abs=1e-6)
+    assert p["ci_high"] == pytest.approx(0.01 + 0.0895669, abs=1e-6)
+    assert p["verdict"] == "not different"
+
+
+def test_the_winner_leaves_scratch_out_and_carries_its_paired_margin():
+    rows = rows_of(
+        {
+            ("digits", "small", "none"): [0.80, 0.80, 0.80],
+            ("digits", "small", "linear_probe"): [0.82, 0.77, 0.84],
+            ("digits", "small", "scratch"): [0.95, 0.95, 0.95],
+            ("digits", "large", "none"): [0.90, 0.80, 0.70],
+            ("digits", "large", "linear_probe"): [0.80, 0.75, 0.60],
+        }
+    )
+    win = {w["size"]: w for w in report.winners(rows, AXES, "strategy")}
+    small = win["small"]
+    assert (small["winner"], small["runner_up"]) == ("linear_probe", "none")
+    assert small["margin"] == pytest.approx(2.43 / 3 - 0.80, abs=1e-12)
+    # oriented as winner - runner-up: the negated interval of none - linear_probe
+    assert small["margin_ci_high"] == pytest.approx(0.01 + 0.0895669, abs=1e-6)
+    assert small["verdict"] == "not different"
+    assert small["scratch_mean"] == pytest.approx(0.95)
+    assert (win["large"]["winner"], win["large"]["verdict"]) == ("none", "none better")
+
+
+def write_fake_sweep(workdir):
+    """A results.csv over the 2x2 quadrants with metrics.jsonl files behind each cell."""
+    rows = []
+    for sim in ("similar", "different"):
+        for size, k in (("small", 10), ("large", 0)):
+            for strategy, frozen in (("none", 0), ("linear_probe", 3), ("scratch", 0)):
+                for seed in range(3):
+                    run = f"{sim}{size}{strategy}{seed}"
+                    acc = 0.5 + 0.1 * frozen * (sim == "similar") + 0.01 * seed
+                    rows.append(
+                        {
+                            "target": "fractals" if sim == "similar" else "digits",
+                            "similarity": sim,
+                            "size": size,
+                            "examples_per_class": k,
+                            "strategy": strategy,
+                            "seed": seed,
+                            "test_accuracy": acc,
+                            "val_accuracy": acc,
+                            "train_accuracy": 0.99,
+                            "frozen_stages": frozen,
+                            "train_examples": 100 if k else 2000,
+                            "num_classes": 10,
+                            "run": run,
+                        }
+                    )
+                    os.makedirs(workdir / "runs" / run)
+                    with open(workdir / "runs" / run / "metrics.jsonl", "w") as f:
+                        for step in (10, 20):
+                            f.write(json.dumps({"step": step, "loss": 1 / step, "accuracy": 0.5}))
+                            f.write("\n")
+    with open(workdir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_report_writes_tables_and_each_plot_with_the_csv_behind_it(tmp_path):
+    write_fake_sweep(tmp_path)
+    written = report.write_report(str(tmp_path))
+    names = {os.path.relpath(p, tmp_path) for p in written}
+    assert {"summary.csv", "paired.csv", "winners.csv", "report.md"} <= names
+    for plot in (
+        "winner_heatmap",
+        "accuracy_vs_frozen_stages",
+        "accuracy_vs_examples_per_class",
+        "learning_curves",
+    ):
+        assert f"plots/{plot}.png" in names
+        assert os.path.getsize(tmp_path / "plots" / f"{plot}.png") > 1000
+        assert (tmp_path / "plots" / f"{plot}.csv").exists()
+    heat, _ = report.read_results(str(tmp_path / "plots" / "winner_heatmap.csv"))
+    by_cell = {(h["similarity"], h["size"]): h["winner"] for h in heat}
+    assert by_cell[("similar", "small")] == "linear_probe"  # scratch never wins: a baseline
+    assert by_cell[("different", "large")] == "none"  # equal means: the first seen
+    md = (tmp_path / "report.md").read_text()
+    assert "## Winner per condition" in md and "## Paired differences" in md

@@ -1,0 +1,167 @@
+"""The sweep runner: runs named by config hash, learning rates chosen on validation, dependency
+order, and a sweep killed with SIGKILL that finishes as if it never was."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tlx import config as tlx_config
+from tlx import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(ROOT, "configs/finetune.py")
+PRETRAIN = os.path.join(ROOT, "configs/pretrain.py")
+# The tiny quadrants sweep: 21 runs of 8 steps (16 cells over 2 seeds, and the source).
+TINY = os.path.join(ROOT, "configs/quadrants.py") + ":tiny"
+RUNS = 21
+
+
+def tiny_sweep(tmp_path_factory) -> str:
+    """The tiny sweep, finished, in one directory of the session (test_notebook.py shares it:
+    the second to ask reads every run)."""
+    workdir = str(tmp_path_factory.getbasetemp() / "tiny_quadrants")
+    subprocess.run(
+        [sys.executable, "-m", "tlx.sweep", f"--config={TINY}", f"--workdir={workdir}"],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return workdir
+
+
+def test_a_run_is_named_by_its_resolved_config_and_nothing_else():
+    a = tlx_config.load(FINETUNE + ":target=digits,steps=5")
+    same = tlx_config.load(FINETUNE, **{"data.name": "digits", "total_steps": 5})
+    other_lr = tlx_config.load(FINETUNE + ":target=digits,steps=5,lr=0.1")
+    not_results = tlx_config.load(
+        FINETUNE + ":target=digits,steps=5", progress=False, **{"data.data_dir": "/elsewhere"}
+    )
+    assert sweep.config_hash(a) == sweep.config_hash(not_results)
+    assert sweep.config_hash(other_lr) != sweep.config_hash(a)
+    # The same run spelled two ways (arg vs override) is one run, unless a default depends on
+    # the arg: finetune.py's `target` also turns off flips; the hash sees the difference.
+    assert (sweep.config_hash(same) == sweep.config_hash(a)) == (same.to_dict() == a.to_dict())
+
+
+def test_study_args_take_presets_by_name_then_key_values():
+    a = sweep.parse_study_arg("tiny,seeds=4", {"seeds": 3, "steps": 100}, {"tiny": {"steps": 5}})
+    assert a == {"seeds": 4, "steps": 5}
+    with pytest.raises(ValueError, match="unknown study preset"):
+        sweep.parse_study_arg("huge", {"seeds": 3}, {"tiny": {}})
+
+
+STUDY = f'''
+GRID = [{{"optim.head_lr": 0.01}}, {{"optim.head_lr": 0.03}}, {{"optim.head_lr": 0.1}}]
+
+def get_sweep(arg=None):
+    ft = "{FINETUNE}:target=digits,steps=5"
+    return [
+        {{"name": "source", "config": "{PRETRAIN}:steps=5"}},
+        {{"name": "a0", "config": ft + ",seed=0", "init_from": "source", "grid": GRID,
+          "axes": {{"strategy": "a", "seed": 0}}}},
+        {{"name": "a1", "config": ft + ",seed=1", "init_from": "source", "grid_from": "a0",
+          "axes": {{"strategy": "a", "seed": 1}}}},
+        {{"name": "b0", "config": ft + ",seed=0", "init_from": "source",
+          "grid": [{{"optim.head_lr": 0.03}}], "axes": {{"strategy": "b", "seed": 0}}}},
+    ]
+'''
+
+
+def test_each_cell_takes_the_grid_point_best_on_validation_after_its_dependencies(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "study.py").write_text(STUDY)
+    calls = []
+
+    def fake_execute(run_dir, spec, overrides):
+        calls.append((os.path.basename(run_dir), spec, overrides))
+        # validation accuracy by head LR: 0.03 and 0.1 tie; the first of equals wins
+        val = {0.01: 0.5, 0.03: 0.7, 0.1: 0.7}.get(overrides.get("optim.head_lr"), 0.9)
+        seed = 1 if "seed=1" in spec else 0
+        summary = {"val_accuracy": val, "test_accuracy": val - 0.1 * seed, "wall_s": 1.0}
+        return summary, True
+
+    monkeypatch.setattr(sweep, "execute", fake_execute)
+    rows = sweep.run_sweep(str(tmp_path / "study.py"), str(tmp_path / "out"), log=lambda _: None)
+
+    source_run = calls[0][0]
+    assert calls[0][1].startswith(PRETRAIN)
+    assert all(c[2]["init_from"] == str(tmp_path / "out/runs" / source_run) for c in calls[1:])
+    # 3 grid points of a0, 1 (the chosen) for a1; b0 is a0's run at 0.03: trained once
+    assert len(calls) == 1 + 3 + 1
+    assert [c[2].get("optim.head_lr") for c in calls[1:]] == [0.01, 0.03, 0.1, 0.03]
+    by_cell = {(r["strategy"], r["seed"]): r for r in rows}
+    assert by_cell[("a", 0)]["optim.head_lr"] == 0.03
+    assert by_cell[("a", 0)]["grid_size"] == 3
+    assert by_cell[("a", 1)]["optim.head_lr"] == 0.03 and by_cell[("a", 1)]["grid_size"] == 1
+    assert by_cell[("b", 0)]["run"] == by_cell[("a", 0)]["run"]
+    with open(tmp_path / "out/results.csv") as f:
+        header = next(csv.reader(f))
+    assert header[:3] == ["strategy", "seed", "test_accuracy"]  # axes, then figures
+    assert "train_accuracy" in header and "optim.head_lr" in header
+
+
+def table(workdir, name="results.csv"):
+    """A CSV as rows without the columns that time runs (they differ between identical runs)."""
+    with open(os.path.join(workdir, name)) as f:
+        return [{k: v for k, v in r.items() if k not in sweep.TIMING} for r in csv.DictReader(f)]
+
+
+def sweep_cmd(workdir, *extra):
+    return [sys.executable, "-m", "tlx.sweep", f"--config={TINY}", f"--workdir={workdir}", *extra]
+
+
+def finished_runs(workdir) -> dict:
+    runs = os.path.join(workdir, "runs")
+    out = {}
+    for h in os.listdir(runs) if os.path.isdir(runs) else []:
+        path = os.path.join(runs, h, "summary.json")
+        if sweep.read_summary(os.path.join(runs, h)) is not None:
+            out[h] = (os.stat(path).st_mtime_ns, open(path).read())
+    return out
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_finishes_without_redoing_runs_and_equals_an_uninterrupted_one(
+    tmp_path, tmp_path_factory
+):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    whole = tiny_sweep(tmp_path_factory)
+
+    killed = tmp_path / "killed"
+    # Two workers: SIGKILL reaches the runner only; its workers must die with it.
+    proc = subprocess.Popen(
+        sweep_cmd(killed, "--parallel=2", "--no_report"),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while len(finished_runs(killed)) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    time.sleep(1)  # the workers get their SIGKILL as the runner dies; let them be gone
+    before = finished_runs(killed)
+    assert 4 <= len(before) < RUNS
+    assert not os.path.exists(killed / "results.csv")
+
+    again = subprocess.run(
+        sweep_cmd(killed), env=env, cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    after = finished_runs(killed)
+    assert len(after) == RUNS
+    for h, (mtime, text) in before.items():  # finished runs were read, not trained again
+        assert after[h] == (mtime, text)
+    assert f"({RUNS - len(before)} trained, {len(before)} read)" in again.stdout
+    assert table(killed) == table(whole)
+    assert table(killed, "summary.csv") == table(whole, "summary.csv")
+    assert table(killed, "paired.csv") == table(whole, "paired.csv")
