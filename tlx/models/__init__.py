@@ -5,7 +5,7 @@ whose top-level submodules are `stem`, `stage1`..`stageN`, `head` and which take
 
 import functools
 
-from tlx.models import resnet
+from tlx.models import efficientnet, mobilenet_v2, resnet
 
 MODELS = {
     # About 0.17M parameters: for tests and demos on 2 CPU cores.
@@ -20,6 +20,9 @@ MODELS = {
     "resnet18": functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block=resnet.BasicBlock),
     "resnet34": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block=resnet.BasicBlock),
     "resnet50": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block=resnet.Bottleneck),
+    # ImageNet-pretrained weights convert from PyTorch files: see tlx.convert.
+    "mobilenet_v2": mobilenet_v2.mobilenet_v2,
+    "efficientnet_lite0": efficientnet.efficientnet_lite0,
 }
 
 
