@@ -52,8 +52,11 @@ def run_once(spec: str, workdir: str, **overrides) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--pretrain_steps", type=int, default=300)
-    ap.add_argument("--finetune_steps", type=int, default=150)
+    ap.add_argument("--pretrain_steps", type=int, default=250)
+    # Fixed steps per quadrant, the same for every strategy in it (sized for 2 CPU cores).
+    ap.add_argument("--small_steps", type=int, default=60)
+    ap.add_argument("--large_steps", type=int, default=120)
+    ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
@@ -76,7 +79,8 @@ def main():
             t = time.time()
             s = run_once(
                 f"configs/finetune.py:backbone=resnet_tiny,target={target},strategy={strategy},"
-                f"examples_per_class={k},steps={args.finetune_steps},seed={args.seed},"
+                f"examples_per_class={k},seed={args.seed},batch_size={args.batch_size},"
+                f"steps={args.small_steps if size == 'small' else args.large_steps},"
                 f"init_from={pre_dir}",
                 os.path.join(args.workdir, "finetune", name),
             )
