@@ -112,3 +112,9 @@ def test_width_multiplier_rounds_channels_to_multiples_of_8():
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     assert shapes["params"]["stem"]["conv"]["kernel"].shape == (3, 3, 3, 16)
     assert shapes["params"]["head"]["kernel"].shape == (1280, 10)  # max(1, width) * 1280
+
+
+def test_resnet_only_stem_option_is_refused_with_a_clear_error():
+    assert models.build("mobilenet_v2", 10, stem="imagenet").num_classes == 10
+    with pytest.raises(ValueError, match="ResNets only"):
+        models.build("efficientnet_lite0", 10, stem="cifar")

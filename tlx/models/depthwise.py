@@ -50,9 +50,8 @@ def _windows(xp, kernel_shape, strides, out_hw):
     ]
 
 
-def _forward(x, kernel, strides, padding):
-    strides, pads, out_hw = _geometry(x.shape, kernel.shape, strides, padding)
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+def _forward(xp, kernel, strides, out_hw):
+    """The k*k multiply-adds over the padded input."""
     taps = kernel.reshape(-1, kernel.shape[-1])
     y = None
     for t, window in enumerate(_windows(xp, kernel.shape, strides, out_hw)):
@@ -127,21 +126,26 @@ def depthwise_conv(x, kernel, strides=1, padding: Padding = "SAME"):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x, kernel, strides, pads):
-    return _forward(x, kernel, strides, pads)
+    return _depthwise_fwd(x, kernel, strides, pads)[0]
 
 
 def _depthwise_fwd(x, kernel, strides, pads):
-    return _forward(x, kernel, strides, pads), (x, kernel)
+    _, _, out_hw = _geometry(x.shape, kernel.shape, strides, pads)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    # The padded input is the residual: the backward pass reads the same windows, and x itself
+    # need not be kept (it is usually a BatchNorm + ReLU6 output nothing else reads).
+    return _forward(xp, kernel, strides, out_hw), (xp, kernel)
 
 
 def _depthwise_bwd(strides, pads, res, g):
-    x, kernel = res
-    dx = _input_grad(g, kernel, strides, pads, x.shape)
+    xp, kernel = res
+    (lo_h, hi_h), (lo_w, hi_w) = pads
+    x_shape = (xp.shape[0], xp.shape[1] - lo_h - hi_h, xp.shape[2] - lo_w - hi_w, xp.shape[3])
+    dx = _input_grad(g, kernel, strides, pads, x_shape)
     # The kernel gradient sums window * g over (n, h, w) for each tap. Summed per tap, XLA
     # materialises every window and reduces it column-wise (slow); one variadic reduce over h
     # alone reads each input once, and the small (n, w, c) partials are summed after.
-    _, _, out_hw = _geometry(x.shape, kernel.shape, strides, pads)
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_hw = g.shape[1:3]
     partial_sums = _sum_many([w * g for w in _windows(xp, kernel.shape, strides, out_hw)], (1,))
     dk = jnp.stack([p.sum(axis=(0, 1)) for p in partial_sums]).reshape(kernel.shape)
     return dx, dk.astype(kernel.dtype)

@@ -8,7 +8,7 @@ stage1..stage4 at 1/4..1/32, the 1x1 `last_conv` inside stage4, `head` the class
 
 import math
 
-from tlx.models.mobilenet_v2 import InvertedResidualNet, make_divisible
+from tlx.models.mobilenet_v2 import InvertedResidualNet, check_stem, make_divisible
 
 # lukemelas' block strings 'r1_k3_s11_e1_i32_o16' as (kernel, stride, expand, out, repeats),
 # grouped into tlx stages by resolution: stem, stage1..stage4.
@@ -35,6 +35,7 @@ def efficientnet_lite(
 ) -> InvertedResidualNet:
     """EfficientNet-Lite at width/depth coefficients (Lite0: 1.0, 1.0). As TF's lite builder, the
     first and last block rows keep their repeats. kwargs set other `InvertedResidualNet` fields."""
+    check_stem("efficientnet_lite", kwargs)
     rows = [row for stage in EFFICIENTNET_STAGES for row in stage]
     stages, r = [], 0
     for stage in EFFICIENTNET_STAGES:

@@ -237,9 +237,20 @@ class InvertedResidualNet(nn.Module):
         ).astype(jnp.float32)
 
 
+def check_stem(backbone: str, kwargs: dict) -> None:
+    """These nets have one stem (3x3/2 conv); ResNet's `stem='cifar'` has no equivalent here."""
+    stem = kwargs.pop("stem", None)
+    if stem not in (None, "", "imagenet"):
+        raise ValueError(
+            f"{backbone} has a single stem (3x3 stride-2 convolution, as pretrained); stem={stem!r}"
+            " applies to ResNets only: leave model.stem empty (or 'imagenet')"
+        )
+
+
 def mobilenet_v2(num_classes: int, width: float = 1.0, **kwargs) -> InvertedResidualNet:
     """torchvision's MobileNetV2 (BN eps 1e-5, torch momentum 0.1) at width multiplier `width`;
     kwargs set other `InvertedResidualNet` fields (frozen_bn, axis_name, depthwise_impl, dtype)."""
+    check_stem("mobilenet_v2", kwargs)
     stages = tuple(
         tuple((t, make_divisible(c * width), n, s, 3) for t, c, n, s in rows)
         for rows in MOBILENET_V2_STAGES
