@@ -160,6 +160,20 @@ def test_cache_hit_loads_without_torch(tmp_path):
     assert torch_loaded == "False"
 
 
+def test_a_cached_conversion_serves_when_the_weight_file_is_gone(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no resnet18 file anywhere
+    tree = torch_to_flax.convert("resnet18", fake_state_dict("resnet18"))
+    cache = str(tmp_path / "cache")
+    path = pretrained.cache_path("resnet18", "imagenet", "ab" * 32, cache)
+    pretrained.save_tree(path, tree, dict(format=pretrained.CACHE_FORMAT, sha256="ab" * 32))
+    got = pretrained.load_pretrained("resnet18", cache_dir=cache)
+    np.testing.assert_array_equal(got["params"]["head"]["kernel"], tree["params"]["head"]["kernel"])
+    with pytest.raises(FileNotFoundError):  # an explicit file is never replaced by the cache
+        pretrained.load_pretrained(
+            "resnet18", weights_path=str(tmp_path / "x.pth"), cache_dir=cache
+        )
+
+
 # ---------------------------------------------------------------- with torch: parity
 
 

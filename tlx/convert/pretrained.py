@@ -194,9 +194,31 @@ def load_pretrained(
     Looks for the weight file (weights_path, then torch hub's cache, then the registry package);
     a cached conversion of a file with the same sha256 is read without torch, otherwise the file
     is converted (needs torch) and cached in cache_dir ($TLX_CACHE_DIR, ~/.cache/tlx/pretrained).
+    With no weight file anywhere, a cached conversion of this backbone and source (the newest)
+    still serves, so a cache copied to another machine works offline without torch.
     """
     info = source_info(backbone, source)
-    path = find_weights(backbone, source, weights_path)
+    try:
+        path = find_weights(backbone, source, weights_path)
+    except FileNotFoundError:
+        if weights_path:
+            raise
+        folder = cache_dir or default_cache_dir()
+        pattern = f"{backbone}-{source}-"
+        found = sorted(
+            (
+                os.path.join(folder, f)
+                for f in (os.listdir(folder) if os.path.isdir(folder) else ())
+                if f.startswith(pattern) and f.endswith(".npz")
+            ),
+            key=os.path.getmtime,
+        )
+        if not found:
+            raise
+        variables, meta = load_tree(found[-1])
+        if meta.get("format") != CACHE_FORMAT:
+            raise
+        return variables
     digest = sha256(path)
     cached = cache_path(backbone, source, digest, cache_dir)
     if os.path.isfile(cached):
