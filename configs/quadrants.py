@@ -5,8 +5,10 @@
 
 resnet_tiny is pre-trained once on 30 fractal classes; each strategy (and training from scratch)
 is fine-tuned on a similar target (10 new fractal classes) and a different one (mnist5k), each
-small (`small` examples per class) and large (all), over `seeds` seeds. Every cell picks its
-learning rates (backbone `lr`, new head `head_lr`) from a small grid by validation accuracy.
+small (`small` examples per class) and large (all), over `seeds` seeds. Learning rates (backbone
+`lr`, new head `head_lr`) are chosen from a small grid per strategy by validation accuracy: on
+the first seed, whose choice the other seeds use (select=first_seed, the default), or on every
+seed (select=cell). Test accuracy is that of the chosen rates only.
 
 Args: strategies ('+'-separated; add toolbox ones such as layer_decay+lp_ft when tlx has them),
 scratch, seeds, different (mnist5k | digits), small, steps, pretrain_steps, grid (full | default:
@@ -33,7 +35,9 @@ ARGS = {
     "pretrain_steps": 300,
     "image_size": 32,
     "grid": "full",
-    "select": "cell",
+    # first_seed: the grid runs at seed 0 and the other seeds train at its choice (93 runs);
+    # cell: every seed chooses for itself (157 runs, about 1.7 times the time).
+    "select": "first_seed",
 }
 PRESETS = {
     "tiny": {
@@ -68,8 +72,14 @@ def lr_grid(strategy: str, grid: str) -> list[dict]:
     if strategy == "scratch":
         return [{"optim.lr": lr, "optim.head_lr": lr} for lr in (1e-3, 3e-3)]
     if strategy == "linear_probe":  # the backbone LR does nothing here
-        return [{"optim.head_lr": h} for h in (3e-3, 1e-2, 3e-2)]
-    return [{"optim.lr": lr, "optim.head_lr": h} for lr in (3e-4, 1e-3) for h in (3e-3, 1e-2)]
+        return [{"optim.head_lr": h} for h in (1e-2, 3e-2)]
+    # Around the pilot's (3e-4, 1e-2), one step along each rate: 3 runs where a 2x2 grid takes 4
+    # (the full study must fit 90 minutes on 2 cores).
+    return [
+        {"optim.lr": 3e-4, "optim.head_lr": 1e-2},
+        {"optim.lr": 1e-3, "optim.head_lr": 1e-2},
+        {"optim.lr": 3e-4, "optim.head_lr": 3e-3},
+    ]
 
 
 def conditions(a: dict) -> list[dict]:

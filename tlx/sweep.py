@@ -56,6 +56,7 @@ FIGURES = (
     "steps",
 )
 TIMING = ("wall_s", "cell_wall_s")  # differ between identical sweeps; the rest must not
+ALWAYS_SHOWN = ("optim.lr", "optim.head_lr")  # in results.csv whether a grid varies them or not
 
 
 # -- study files -----------------------------------------------------------------------------------
@@ -134,11 +135,7 @@ def config_hash(config) -> str:
 
 def read_summary(run_dir: str) -> dict | None:
     """The summary of a finished run, else None (a summary cut short by a kill is unfinished)."""
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return _read_json(os.path.join(run_dir, "summary.json"))
 
 
 def execute(run_dir: str, spec: str, overrides: dict) -> tuple[dict, bool]:
@@ -304,7 +301,7 @@ def run_sweep(spec: str, workdir: str, parallel: int = 1, log=print) -> list[dic
 
     rows, deps = [], []
     for i, c in enumerate(cells):
-        (rows if c.get("axes") else deps).append(_row(c, chosen[i], cells))
+        (rows if c.get("axes") else deps).append(_row(c, chosen[i], cells, runs_dir))
     write_csv(os.path.join(workdir, "results.csv"), rows)
     write_csv(os.path.join(workdir, "dependencies.csv"), deps)
     log(
@@ -323,7 +320,23 @@ def _describe(cell: dict, point: dict) -> str:
     return text
 
 
-def _row(cell: dict, chosen: dict, cells: list[dict]) -> dict:
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _lookup(tree: dict, dotted: str, default):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
+def _row(cell: dict, chosen: dict, cells: list[dict], runs_dir: str) -> dict:
     s = chosen["summary"]
     dataset = s.get("dataset", {})
     row = dict(cell.get("axes") or {"cell": cell.get("name")})
@@ -339,13 +352,15 @@ def _row(cell: dict, chosen: dict, cells: list[dict]) -> dict:
         num_classes=dataset.get("num_classes"),
         steps=s.get("steps"),
     )
-    # The chosen value of every key any cell's grid varies ('' where a cell doesn't set it).
-    keys = []
+    # The learning rates the chosen run trained with, and every other key a grid varies: read
+    # from its config.json (what the run used, grid point or not), else from the grid point.
+    keys = list(ALWAYS_SHOWN)
     for c in cells:
         for point in c.get("grid") or []:
             keys += [k for k in point if k not in keys]
+    config = _read_json(os.path.join(runs_dir, chosen["run"], "config.json")) or {}
     for k in keys:
-        row[k] = chosen["point"].get(k, "")
+        row[k] = _lookup(config, k, chosen["point"].get(k, ""))
     row["grid_size"] = len(chosen["trials"])
     row["run"] = chosen["run"]
     row["wall_s"] = round(s.get("wall_s", 0.0), 1)
