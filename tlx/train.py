@@ -260,7 +260,8 @@ def run(config, workdir: str) -> dict:
     start = resumed_from or 0
     phase = plan.index(start)
     setup = plan.phases[phase]
-    variables = jax.jit(lambda: base_model.init(rng, dummy, train=False))()
+    # The key is an argument, not a constant, so runs that differ only in seed share one compile.
+    variables = jax.jit(lambda r: base_model.init(r, dummy, train=False))(rng)
     variables.setdefault("batch_stats", {})
     if resumed_from is None and init_from:
         source, source_name = load_source(config)
@@ -430,8 +431,11 @@ def run(config, workdir: str) -> dict:
         "dataset": dataset.describe(),
         "wall_s": time.time() - t_start,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+    # Written last and atomically: a summary.json that exists marks a finished run.
+    tmp = os.path.join(workdir, "summary.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, "summary.json"))
     log.close()
     ckpt.close()
     return summary
