@@ -19,7 +19,15 @@ from tlx import imagenet, models
 from tlx.convert import pretrained, torch_to_flax
 from tlx.convert.torch_to_flax import NAME_MAPS, ConversionError
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[module] is None (blocked)
+        return False
+
+
+HAS_TORCH = _installed("torch")
 needs_torch = pytest.mark.skipif(
     not HAS_TORCH, reason="torch is not installed (optional extra: requirements-pretrained.txt)"
 )
