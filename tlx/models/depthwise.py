@@ -1,9 +1,13 @@
-"""Depthwise convolution written as k*k shifted multiply-adds, fast on XLA:CPU.
+"""Depthwise and 1x1 convolutions written for XLA:CPU, equal to XLA's own to float32 rounding.
 
-XLA:CPU runs `lax.conv_general_dilated(..., feature_group_count=C)` about 10x slower than
-torch (and its weight gradient far slower still); the same sum as elementwise ops fuses into a few
-loops. The kernel keeps flax's layout for a grouped convolution, (kh, kw, 1, C), so converted
-weights and checkpoints are the same whichever implementation runs.
+XLA:CPU runs a depthwise convolution (`feature_group_count=C`) about 10x slower than torch, and
+its weight gradient far slower still. Here the forward pass is k*k shifted multiply-adds over the
+padded input, with a custom backward pass: the input gradient one stride phase at a time (no
+zero-dilated gradient), the kernel gradient as one variadic reduce that reads each input once.
+A 1x1 convolution is a 2D matrix product with a 2D-matrix-product backward pass. Parameters keep
+flax's layouts, (kh, kw, 1, C) and (1, 1, C_in, C_out), so converted weights and checkpoints are
+the same whichever implementation runs. (Forward-mode autodiff, `jax.jvp`, is not defined through
+the custom backward passes; reverse mode, jit, vmap, pmap and sharding are.)
 """
 
 import functools
