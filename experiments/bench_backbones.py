@@ -10,8 +10,9 @@ all of them alike; the table reports medians (and minima) over the rounds. Steps
   frozen  the backbone frozen (BatchNorm on running statistics, no gradient), only the classifier
           trained (a linear probe; JAX differentiates the head alone, XLA prunes the rest).
 The torch side uses tlx.convert.torch_reference (torchvision / lukemelas layouts) with
-torch.set_num_threads(os.cpu_count()). `tlx grouped` is the same tlx model with XLA's grouped
-convolution for the depthwise layers. Needs the optional extra (torch): requirements-pretrained.txt.
+torch.set_num_threads(os.cpu_count()). `tlx grouped` is the same tlx model on XLA's own
+convolutions (depthwise_impl='grouped': feature_group_count=C for depthwise, nn.Conv for 1x1),
+the naive version. Needs the optional extra (torch): requirements-pretrained.txt.
 The last line is `mobilenet_v2_full_over_torch=X` (median tlx / median torch).
 """
 
