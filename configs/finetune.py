@@ -53,7 +53,10 @@ def get_config(arg=None):
     c = tlx_config.base()
     c.seed = a["seed"]
     c.model.name = a["backbone"]
-    c.model.stem = "cifar" if a["image_size"] < 100 else "imagenet"
+    if a["backbone"].startswith("resnet"):
+        c.model.stem = "cifar" if a["image_size"] < 100 else "imagenet"
+    if a["init_from"] == "imagenet":  # inputs as the ImageNet weights were trained on
+        c.data.normalize = "imagenet"
     c.init_from = a["init_from"]
     tlx_config.set_dataset(c.data, a["target"], "target", a["classes"])
     c.data.image_size = a["image_size"]
