@@ -56,7 +56,8 @@ def get_config(arg=None):
     if a["backbone"].startswith("resnet"):
         c.model.stem = "cifar" if a["image_size"] < 100 else "imagenet"
     if a["init_from"] == "imagenet":  # inputs as the ImageNet weights were trained on
-        c.data.normalize = "imagenet"
+        # EfficientNet-Lite was trained on (x - 127) / 128: 'unit' (x/255*2-1) is within 0.4%.
+        c.data.normalize = "unit" if a["backbone"].startswith("efficientnet") else "imagenet"
     c.init_from = a["init_from"]
     tlx_config.set_dataset(c.data, a["target"], "target", a["classes"])
     c.data.image_size = a["image_size"]
