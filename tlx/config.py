@@ -80,24 +80,29 @@ def set_dataset(d: ml_collections.ConfigDict, name: str, role: str, classes: int
             d.fractals.train_per_class = 240
 
 
-def load(spec: str, **overrides) -> ml_collections.ConfigDict:
-    """The config of `spec` ('configs/finetune.py:target=digits'), as the CLI would build it,
-    with `overrides` given as dotted keys ({'optim.lr': 1e-3}); unknown keys are errors."""
+def load_module(path: str, kind: str = "config"):
+    """The Python module of a config or study file, loaded from its path (as config_flags does)."""
     import importlib.util
     import os
 
-    path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
+        raise FileNotFoundError(f"{kind} file {path!r} not found")
     module_spec = importlib.util.spec_from_file_location(
-        "tlx_config_" + os.path.basename(path)[:-3], path
+        f"tlx_{kind}_" + os.path.basename(path)[:-3], path
     )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    c = module.get_config(arg or None)
+    return module
+
+
+def load(spec: str, **overrides) -> ml_collections.ConfigDict:
+    """The config of `spec` ('configs/finetune.py:target=digits'), as the CLI would build it,
+    with `overrides` given as dotted keys ({'optim.lr': 1e-3}); unknown keys are errors."""
+    path, _, arg = spec.partition(":")
+    c = load_module(path).get_config(arg or None)
     for key, value in overrides.items():
-        node, *_ = c, None
         *parents, leaf = key.split(".")
+        node = c
         for p in parents:
             node = node[p]
         if leaf not in node:

@@ -81,16 +81,10 @@ def parse_study_arg(arg: str | None, defaults: dict, presets: dict[str, dict]) -
 
 def load_study(spec: str) -> list[dict]:
     """The cells of `spec` ('configs/quadrants.py:tiny'), checked."""
-    import importlib.util
+    from tlx import config as tlx_config
 
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"study file {path!r} not found")
-    module_spec = importlib.util.spec_from_file_location(
-        "tlx_study_" + os.path.basename(path)[:-3], path
-    )
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = tlx_config.load_module(path, "study")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} declares no get_sweep(arg): it is a run config, not a study")
     cells = [dict(c) for c in module.get_sweep(arg or None)]
