@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench pretrained clean
+.PHONY: demo test lint bench pretrained ablations clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ pretrained: $(PRETRAINED_STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_freeze.py
+
+# The two ablation studies of the README's "Reading an ablation" (about 1.5 h on 2 cores), then
+# their tables and plots copied beside the code (runs/ is not committed).
+STUDIES := quadrants yosinski
+ablations: $(STAMP)
+	for s in $(STUDIES); do \
+	  /usr/bin/time -f "$$s: %e s wall" $(PY) -m tlx.sweep --config=configs/$$s.py \
+	    --workdir=runs/$$s || exit 1; \
+	  mkdir -p experiments/results/$$s/plots; \
+	  cp runs/$$s/*.csv runs/$$s/report.md experiments/results/$$s/; \
+	  cp runs/$$s/plots/* experiments/results/$$s/plots/; \
+	done
 
 clean:
 	rm -rf runs .pytest_cache

@@ -136,6 +136,46 @@ def test_the_winner_leaves_scratch_out_and_carries_its_paired_margin():
     assert (win["large"]["winner"], win["large"]["verdict"]) == ("none", "none better")
 
 
+def test_the_seed_table_is_checked_quadrant_by_quadrant_with_a_paired_gap():
+    quadrant_axes = ["similarity", "size", "strategy", "seed"]
+    table = {
+        ("similar", "large", "freeze_most"): [0.9, 0.9, 0.9],  # the prescribed one wins
+        ("similar", "large", "none"): [0.8, 0.8, 0.8],
+        ("different", "large", "none"): [0.7, 0.7, 0.7],  # loses by 0.1 +- 0.248: a tie
+        ("different", "large", "freeze_early"): [0.8, 0.9, 0.7],
+        ("similar", "small", "linear_probe"): [0.5, 0.5, 0.5],  # loses by 0.11 +- 0.025
+        ("similar", "small", "none"): [0.6, 0.61, 0.62],
+        ("different", "small", "none"): [0.6, 0.6, 0.6],  # freeze_early not run: no row
+    }
+    rows = [
+        {"similarity": sim, "size": size, "strategy": st, "seed": i, "test_accuracy": acc}
+        for (sim, size, st), accs in table.items()
+        for i, acc in enumerate(accs)
+    ]
+    got = {(r["similarity"], r["size"]): r for r in report.against_seed_table(rows, quadrant_axes)}
+    assert set(got) == {("similar", "large"), ("different", "large"), ("similar", "small")}
+    agree = got["similar", "large"]
+    assert (agree["seed_table"], agree["winner"], agree["verdict"]) == (
+        "freeze_most",
+        "freeze_most",
+        "agrees",
+    )
+    tie = got["different", "large"]
+    half = T_975_DF2 * 0.1 / math.sqrt(3)
+    assert (tie["seed_table"], tie["winner"], tie["verdict"]) == ("none", "freeze_early", "ties")
+    assert tie["gap"] == pytest.approx(0.1, abs=1e-12)
+    assert (tie["gap_ci_low"], tie["gap_ci_high"]) == pytest.approx((0.1 - half, 0.1 + half))
+    lose = got["similar", "small"]
+    assert (lose["seed_table"], lose["winner"], lose["verdict"]) == (
+        "linear_probe",
+        "none",
+        "disagrees",
+    )
+    assert lose["gap"] == pytest.approx(0.11, abs=1e-12)
+    assert lose["gap_ci_low"] == pytest.approx(0.11 - T_975_DF2 * 0.01 / math.sqrt(3))
+    assert lose["seed_table_mean"] == pytest.approx(0.5)
+
+
 def write_fake_sweep(workdir):
     """A results.csv over the 2x2 quadrants with metrics.jsonl files behind each cell."""
     rows = []
@@ -193,3 +233,10 @@ def test_report_writes_tables_and_each_plot_with_the_csv_behind_it(tmp_path):
     assert by_cell[("different", "large")] == "none"  # equal means: the first seen
     md = (tmp_path / "report.md").read_text()
     assert "## Winner per condition" in md and "## Paired differences" in md
+    assert "## The seed's table against the measurement" in md
+    seed, _ = report.read_results(str(tmp_path / "seed_table.csv"))
+    # freeze_most / freeze_early were not run here: only the two quadrants they are not needed for
+    assert {(r["similarity"], r["size"], r["verdict"]) for r in seed} == {
+        ("similar", "small", "agrees"),
+        ("different", "large", "agrees"),
+    }

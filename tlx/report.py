@@ -26,6 +26,14 @@ SEED = "seed"
 FREEZE_PRESETS = ("none", "freeze_early", "freeze_most", "linear_probe", "freeze_stages")
 BASELINES = ("scratch",)  # reported, but not candidates for a condition's winner
 TEXT = ("run", "cell")  # never numbers: a run hash such as '1234e5678901' would parse as inf
+# The seed's rule (DESIGN.md): the strategy it prescribes for each (size, similarity) quadrant.
+# "Freeze all conv layers" = linear_probe; "freeze some (early) layers" = freeze_early.
+SEED_TABLE = {
+    ("large", "similar"): "freeze_most",
+    ("large", "different"): "none",
+    ("small", "similar"): "linear_probe",
+    ("small", "different"): "freeze_early",
+}
 MEANS_OF = ("train_accuracy", "val_accuracy", "frozen_stages", "train_examples", "num_classes")
 
 
@@ -180,6 +188,56 @@ def winners(
             )
         for name, mean in baseline.items():
             row[f"{name}_mean"] = mean
+        out.append(row)
+    return out
+
+
+def against_seed_table(
+    rows: list[dict], axes: Sequence[str], metric: str = FIRST_FIGURE
+) -> list[dict]:
+    """Per (size, similarity) quadrant: the seed's prescribed strategy beside the measured winner,
+    and the paired interval of winner - prescribed over seeds. Verdict: 'agrees' (the prescribed
+    strategy won), 'ties' (it lost, but the interval contains zero) or 'disagrees'. Empty unless
+    the study has the quadrant axes and the prescribed strategies."""
+    if not {"size", "similarity", "strategy"} <= set(axes):
+        return []
+    out = []
+    for w in winners(rows, axes, "strategy", metric):
+        seed_pick = SEED_TABLE.get((w["size"], w["similarity"]))
+        cond = [r for r in rows if all(r[k] == w[k] for k in w if k in axes)]
+        if seed_pick is None or not any(r["strategy"] == seed_pick for r in cond):
+            continue
+        keys = [k for k in axes if k not in ("strategy", SEED)]
+        row = {k: w[k] for k in keys}
+        pick_mean = summarize([r for r in cond if r["strategy"] == seed_pick], axes, metric)[0]
+        row.update(
+            {
+                "seed_table": seed_pick,
+                "seed_table_mean": pick_mean["mean"],
+                "winner": w["winner"],
+                "winner_mean": w["winner_mean"],
+            }
+        )
+        if w["winner"] == seed_pick:
+            row.update({"gap": 0.0, "gap_ci_low": 0.0, "gap_ci_high": 0.0, "verdict": "agrees"})
+        else:
+            pair = paired_differences(
+                [r for r in cond if r["strategy"] in (w["winner"], seed_pick)],
+                axes,
+                "strategy",
+                metric,
+            )[0]
+            sign = 1 if pair["a"] == w["winner"] else -1
+            low, high = sorted((sign * pair["ci_low"], sign * pair["ci_high"]))
+            contains_zero = math.isnan(low) or low <= 0 <= high
+            row.update(
+                {
+                    "gap": sign * pair["mean_diff"],
+                    "gap_ci_low": low,
+                    "gap_ci_high": high,
+                    "verdict": "ties" if contains_zero else "disagrees",
+                }
+            )
         out.append(row)
     return out
 
@@ -375,6 +433,9 @@ def write_report(workdir: str) -> list[str]:
     if between:
         written.append(write_csv(os.path.join(workdir, "paired.csv"), paired))
         written.append(write_csv(os.path.join(workdir, "winners.csv"), win))
+    seed_rows = against_seed_table(rows, axes) if between == "strategy" else []
+    if seed_rows:
+        written.append(write_csv(os.path.join(workdir, "seed_table.csv"), seed_rows))
     conditions = [a for a in axes if a not in (between, SEED)]
 
     if {"similarity", "size"} <= set(axes) and win:
@@ -435,7 +496,7 @@ def write_report(workdir: str) -> list[str]:
                 curves, between or conditions[0], facet, os.path.join(plots, "learning_curves.png")
             )
         )
-    written.append(_write_markdown(workdir, summary, paired, win, axes, between))
+    written.append(_write_markdown(workdir, summary, paired, win, axes, between, seed_rows))
     return written
 
 
@@ -448,7 +509,7 @@ def _dependency_references(workdir: str) -> dict:
     return {d["cell"]: d["test_accuracy"] for d in deps if d.get("cell")}
 
 
-def _write_markdown(workdir, summary, paired, win, axes, between) -> str:
+def _write_markdown(workdir, summary, paired, win, axes, between, seed_rows=()) -> str:
     keys = [a for a in axes if a != SEED]
     parts = [
         "## Test accuracy (%): mean, std and 95% t-interval over seeds",
@@ -466,6 +527,15 @@ def _write_markdown(workdir, summary, paired, win, axes, between) -> str:
                 win,
                 cols,
                 percent=("margin", "margin_ci_low", "margin_ci_high", "scratch_mean"),
+            ),
+        ]
+    if seed_rows:
+        parts += [
+            "## The seed's table against the measurement (gap = winner - prescribed, paired, pp)",
+            markdown(
+                seed_rows,
+                list(seed_rows[0]),
+                percent=("seed_table_mean", "winner_mean", "gap", "gap_ci_low", "gap_ci_high"),
             ),
         ]
     if paired:
