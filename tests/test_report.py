@@ -234,6 +234,8 @@ def test_report_writes_tables_and_each_plot_with_the_csv_behind_it(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Winner per condition" in md and "## Paired differences" in md
     assert "## The seed's table against the measurement" in md
+    # similar linear_probe: 0.80, 0.81, 0.82 -> 81.0 +- t(0.975, 2) * 0.01 / sqrt(3) = 2.48 pp
+    assert "| fractals | similar | small | 10 | 51.0 ± 2.5 | 81.0 ± 2.5 | 51.0 ± 2.5 |" in md
     seed, _ = report.read_results(str(tmp_path / "seed_table.csv"))
     # freeze_most / freeze_early were not run here: only the two quadrants they are not needed for
     assert {(r["similarity"], r["size"], r["verdict"]) for r in seed} == {

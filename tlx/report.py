@@ -34,7 +34,14 @@ SEED_TABLE = {
     ("small", "similar"): "linear_probe",
     ("small", "different"): "freeze_early",
 }
-MEANS_OF = ("train_accuracy", "val_accuracy", "frozen_stages", "train_examples", "num_classes")
+MEANS_OF = (
+    "train_accuracy",
+    "val_accuracy",
+    "frozen_stages",
+    "train_examples",
+    "num_classes",
+    "wall_s",  # seconds of the chosen run (compile + train + eval), not of its LR grid
+)
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -276,6 +283,26 @@ def markdown(rows: list[dict], columns: Sequence[str] | None = None, percent=())
     return "\n".join(lines)
 
 
+def pivot(
+    summary: list[dict], axes: Sequence[str], between: str, field: str = "mean"
+) -> list[dict]:
+    """One row per condition, one column per value of `between`: 'mean +- half-width' of the 95%
+    interval in percent (field='mean'), or the value of another summary field (e.g. wall_s_mean)."""
+    keys = [a for a in axes if a not in (between, SEED)]
+    out = []
+    for key, group in group_by(summary, keys).items():
+        row = dict(zip(keys, key, strict=True))
+        for r in group:
+            if field == "mean":
+                half = (r["ci_high"] - r["ci_low"]) / 2
+                spread = "" if math.isnan(half) else f" ± {100 * half:.1f}"
+                row[r[between]] = f"{100 * r['mean']:.1f}{spread}"
+            elif field in r:
+                row[r[between]] = f"{r[field]:.3g}"
+        out.append(row)
+    return out
+
+
 def between_axis(axes: Sequence[str]) -> str | None:
     """What a study compares: its 'strategy' axis, else its 'treatment' axis."""
     return next((a for a in ("strategy", "treatment") if a in axes), None)
@@ -352,7 +379,7 @@ def plot_lines(
             ax.annotate(label, (0.02, 100 * value), xycoords=("axes fraction", "data"), fontsize=7)
         if logx:
             ax.set_xscale("log")
-        elif all(isinstance(r[x], int) for r in group):
+        elif all(float(r[x]).is_integer() for r in group):  # e.g. frozen stages (a mean)
             ax.set_xticks(sorted({r[x] for r in group}))
         ax.set_title(" ".join(str(k) for k in key), fontsize=9)
         ax.set_xlabel(xlabel or x)
@@ -519,6 +546,16 @@ def _write_markdown(workdir, summary, paired, win, axes, between, seed_rows=()) 
             percent=("mean", "std", "ci_low", "ci_high", "train_accuracy_mean"),
         ),
     ]
+    if between:
+        parts += [
+            f"## Test accuracy (%) by {between}: mean ± half-width of the 95% interval",
+            markdown(pivot(summary, axes, between)),
+        ]
+        if "wall_s_mean" in summary[0]:
+            parts += [
+                f"## Seconds per run by {between} (mean of the chosen runs; 2-core CPU here)",
+                markdown(pivot(summary, axes, between, "wall_s_mean")),
+            ]
     if win:
         cols = [c for c in win[0] if c not in ("winner_mean",)]
         parts += [
