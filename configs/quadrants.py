@@ -11,10 +11,11 @@ the first seed, whose choice the other seeds use (select=first_seed, the default
 seed (select=cell). Test accuracy is that of the chosen rates only.
 
 Args: strategies ('+'-separated; add toolbox ones such as layer_decay+lp_ft when tlx has them),
-scratch, seeds, different (mnist5k | digits), small, steps, pretrain_steps, grid (full | default:
-the configs' own rates only), select (cell: every cell picks its own rates | first_seed: the
-first seed's choice is used by the other seeds). The preset `tiny` is a seconds-long version
-for tests and notebooks: `configs/quadrants.py:tiny` or `configs/quadrants.py:tiny,seeds=3`.
+scratch, seeds, different (mnist5k | digits), small, sizes (small+large | small | large), steps,
+pretrain_steps, grid (full | default: the configs' own rates only), select (cell: every cell
+picks its own rates | first_seed: the first seed's choice is used by the other seeds). The
+preset `tiny` is a seconds-long version for tests and notebooks: `configs/quadrants.py:tiny`
+or `configs/quadrants.py:tiny,seeds=3`.
 """
 
 import os
@@ -30,6 +31,7 @@ ARGS = {
     "similar": "fractals",
     "different": "mnist5k",
     "small": 10,
+    "sizes": "small+large",  # '+'-separated: which target sizes to run (small = `small` per class)
     "steps": 150,
     "batch_size": 64,
     "pretrain_steps": 300,
@@ -83,11 +85,17 @@ def lr_grid(strategy: str, grid: str) -> list[dict]:
 
 
 def conditions(a: dict) -> list[dict]:
-    """The four quadrants: (target, similarity, size, examples_per_class)."""
+    """The four quadrants (or those of `sizes`): (target, similarity, size, examples_per_class)."""
+    unknown = set(a["sizes"].split("+")) - {"small", "large"}
+    if unknown:
+        raise ValueError(
+            f"quadrants: unknown sizes {sorted(unknown)}; use small+large, small or large"
+        )
     return [
         {"target": t, "similarity": sim, "size": size, "examples_per_class": k}
         for sim, t in (("similar", a["similar"]), ("different", a["different"]))
         for size, k in (("small", a["small"]), ("large", 0))
+        if size in a["sizes"].split("+")
     ]
 
 
