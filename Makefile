@@ -43,8 +43,9 @@ bench: $(STAMP)
 STUDIES := quadrants yosinski
 ablations: $(STAMP)
 	for s in $(STUDIES); do \
-	  /usr/bin/time -f "$$s: %e s wall" $(PY) -m tlx.sweep --config=configs/$$s.py \
-	    --workdir=runs/$$s || exit 1; \
+	  start=$$(date +%s); \
+	  $(PY) -m tlx.sweep --config=configs/$$s.py --workdir=runs/$$s || exit 1; \
+	  echo "$$s: $$(( $$(date +%s) - start )) s wall"; \
 	  mkdir -p experiments/results/$$s/plots; \
 	  cp runs/$$s/*.csv runs/$$s/report.md experiments/results/$$s/; \
 	  cp runs/$$s/plots/* experiments/results/$$s/plots/; \
