@@ -64,6 +64,9 @@ TINY_FRACTALS = {
 }
 
 
+TARGET_CLASSES = 10  # both targets: 10 new fractal classes, and mnist5k / digits
+
+
 def lr_grid(strategy: str, grid: str) -> list[dict]:
     """Learning rates a cell chooses from. A new head needs a larger LR than pre-trained layers
     (the pilot's linear probe gained 23-40 pp from head_lr 1e-3 -> 1e-2); scratch has one LR."""
@@ -90,6 +93,13 @@ def conditions(a: dict) -> list[dict]:
     if unknown:
         raise ValueError(
             f"quadrants: unknown sizes {sorted(unknown)}; use small+large, small or large"
+        )
+    n_small = a["small"] * TARGET_CLASSES
+    if "small" in a["sizes"].split("+") and n_small < a["batch_size"]:
+        raise ValueError(
+            f"quadrants: small={a['small']} gives {n_small} training images on the "
+            f"{TARGET_CLASSES}-class targets, fewer than batch_size={a['batch_size']}; "
+            f"pass batch_size={n_small} (or less) with it"
         )
     return [
         {"target": t, "similarity": sim, "size": size, "examples_per_class": k}
