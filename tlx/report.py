@@ -151,6 +151,18 @@ def verdict(ci: dict, a, b) -> str:
     return "not different"
 
 
+def oriented_difference(
+    cond: list[dict], axes: Sequence[str], between: str, a, b, metric: str = FIRST_FIGURE
+) -> dict:
+    """The paired t-interval of metric(a) - metric(b) over the seeds of one condition's rows
+    (whichever order `paired_differences` meets a and b in)."""
+    pair = paired_differences([r for r in cond if r[between] in (a, b)], axes, between, metric)[0]
+    ci = {k: pair[k] for k in ("n", "ci_low", "ci_high")} | {"mean": pair["mean_diff"]}
+    if pair["a"] != a:
+        ci.update(mean=-ci["mean"], ci_low=-ci["ci_high"], ci_high=-ci["ci_low"])
+    return ci
+
+
 def winners(
     rows: list[dict], axes: Sequence[str], between: str, metric: str = FIRST_FIGURE
 ) -> list[dict]:
@@ -170,20 +182,7 @@ def winners(
         if len(ranked) > 1:
             second = ranked[1]
             cond = [r for r in rows if all(r[k] == v for k, v in zip(keys, key, strict=True))]
-            pair = paired_differences(
-                [r for r in cond if r[between] in (best[between], second[between])],
-                [*keys, between, SEED] if SEED in axes else [*keys, between],
-                between,
-                metric,
-            )
-            ci = {
-                "n": pair[0]["n"],
-                "mean": pair[0]["mean_diff"],
-                "ci_low": pair[0]["ci_low"],
-                "ci_high": pair[0]["ci_high"],
-            }
-            if pair[0]["a"] != best[between]:  # orient as winner - runner-up
-                ci.update(mean=-ci["mean"], ci_low=-ci["ci_high"], ci_high=-ci["ci_low"])
+            ci = oriented_difference(cond, axes, between, best[between], second[between], metric)
             row.update(
                 {
                     "runner_up": second[between],
@@ -200,7 +199,7 @@ def winners(
 
 
 def against_seed_table(
-    rows: list[dict], axes: Sequence[str], metric: str = FIRST_FIGURE
+    rows: list[dict], axes: Sequence[str], win: list[dict] | None = None, metric=FIRST_FIGURE
 ) -> list[dict]:
     """Per (size, similarity) quadrant: the seed's prescribed strategy beside the measured winner,
     and the paired interval of winner - prescribed over seeds. Verdict: 'agrees' (the prescribed
@@ -209,7 +208,7 @@ def against_seed_table(
     if not {"size", "similarity", "strategy"} <= set(axes):
         return []
     out = []
-    for w in winners(rows, axes, "strategy", metric):
+    for w in win if win is not None else winners(rows, axes, "strategy", metric):
         seed_pick = SEED_TABLE.get((w["size"], w["similarity"]))
         cond = [r for r in rows if all(r[k] == w[k] for k in w if k in axes)]
         if seed_pick is None or not any(r["strategy"] == seed_pick for r in cond):
@@ -228,21 +227,16 @@ def against_seed_table(
         if w["winner"] == seed_pick:
             row.update({"gap": 0.0, "gap_ci_low": 0.0, "gap_ci_high": 0.0, "verdict": "agrees"})
         else:
-            pair = paired_differences(
-                [r for r in cond if r["strategy"] in (w["winner"], seed_pick)],
-                axes,
-                "strategy",
-                metric,
-            )[0]
-            sign = 1 if pair["a"] == w["winner"] else -1
-            low, high = sorted((sign * pair["ci_low"], sign * pair["ci_high"]))
-            contains_zero = math.isnan(low) or low <= 0 <= high
+            ci = oriented_difference(cond, axes, "strategy", w["winner"], seed_pick, metric)
+            said = verdict(ci, w["winner"], seed_pick)
             row.update(
                 {
-                    "gap": sign * pair["mean_diff"],
-                    "gap_ci_low": low,
-                    "gap_ci_high": high,
-                    "verdict": "ties" if contains_zero else "disagrees",
+                    "gap": ci["mean"],
+                    "gap_ci_low": ci["ci_low"],
+                    "gap_ci_high": ci["ci_high"],
+                    "verdict": {"not different": "ties", "too few seeds": said}.get(
+                        said, "disagrees"
+                    ),
                 }
             )
         out.append(row)
@@ -460,7 +454,7 @@ def write_report(workdir: str) -> list[str]:
     if between:
         written.append(write_csv(os.path.join(workdir, "paired.csv"), paired))
         written.append(write_csv(os.path.join(workdir, "winners.csv"), win))
-    seed_rows = against_seed_table(rows, axes) if between == "strategy" else []
+    seed_rows = against_seed_table(rows, axes, win) if between == "strategy" else []
     if seed_rows:
         written.append(write_csv(os.path.join(workdir, "seed_table.csv"), seed_rows))
     conditions = [a for a in axes if a not in (between, SEED)]
