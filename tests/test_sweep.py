@@ -108,9 +108,13 @@ def test_each_cell_takes_the_grid_point_best_on_validation_after_its_dependencie
 
 
 def table(workdir, name="results.csv"):
-    """A CSV as rows without the columns that time runs (they differ between identical runs)."""
+    """A CSV as rows without the columns that time runs, or their means (summary.csv): they
+    differ between identical runs."""
     with open(os.path.join(workdir, name)) as f:
-        return [{k: v for k, v in r.items() if k not in sweep.TIMING} for r in csv.DictReader(f)]
+        return [
+            {k: v for k, v in r.items() if k.removesuffix("_mean") not in sweep.TIMING}
+            for r in csv.DictReader(f)
+        ]
 
 
 def sweep_cmd(workdir, *extra):
