@@ -20,7 +20,7 @@ or `configs/quadrants.py:tiny,seeds=3`.
 
 import os
 
-from tlx.sweep import parse_study_arg
+from tlx.sweep import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS = {
@@ -157,20 +157,13 @@ def get_sweep(arg=None) -> list[dict]:
                 }
                 if strategy != "scratch":
                     cell["init_from"] = "source"
-                if seed > 0 and a["select"] == "first_seed":
-                    cell["grid_from"] = f"{q['similarity']}/{q['size']}/{strategy}/0"
-                else:
-                    cell["grid"] = lr_grid(strategy, a["grid"])
-                cells.append(cell)
+                first = f"{q['similarity']}/{q['size']}/{strategy}/0"
+                grid = lr_grid(strategy, a["grid"])
+                cells.append(choose_rates(cell, seed, a["select"], first, grid))
     return cells
 
 
 def get_config(arg=None):
     """The fine-tuning config shared by the study's cells (its first cell, without init_from):
     what `python -m tlx.main --config=configs/quadrants.py` would train alone."""
-    from tlx import config as tlx_config
-
-    cell = get_sweep(arg)[1]
-    c = tlx_config.load(cell["config"], **cell["overrides"])
-    c.unlock()
-    return c
+    return cell_config(get_sweep(arg)[1])

@@ -21,7 +21,7 @@ Args: classes (per half), train_per_class, base_steps, steps, cuts ('+'-separate
 
 import os
 
-from tlx.sweep import parse_study_arg
+from tlx.sweep import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCKS = ("stem", "stage1", "stage2", "stage3")  # resnet_tiny, in network order
@@ -123,19 +123,11 @@ def get_sweep(arg=None) -> list[dict]:
                     "init_from": "baseB" if t.startswith("B") else "baseA",
                     "axes": {"treatment": t, "cut": n, "seed": seed},
                 }
-                if seed > 0 and a["select"] == "first_seed":
-                    cell["grid_from"] = f"{t}/{n}/0"
-                else:
-                    cell["grid"] = lr_grid(t, a["grid"])
-                cells.append(cell)
+                grid = lr_grid(t, a["grid"])
+                cells.append(choose_rates(cell, seed, a["select"], f"{t}/{n}/0", grid))
     return cells
 
 
 def get_config(arg=None):
     """The config of the study's first transfer cell, without init_from (trains alone)."""
-    from tlx import config as tlx_config
-
-    cell = get_sweep(arg)[2]
-    c = tlx_config.load(cell["config"], **cell["overrides"])
-    c.unlock()
-    return c
+    return cell_config(get_sweep(arg)[2])

@@ -79,6 +79,26 @@ def parse_study_arg(arg: str | None, defaults: dict, presets: dict[str, dict]) -
     return tlx_config.parse_arg(",".join(rest), out)
 
 
+def choose_rates(cell: dict, seed: int, select: str, first_seed_cell: str, grid: list[dict]):
+    """The learning-rate choice of a study cell: its own `grid`, or (select='first_seed', seed > 0)
+    the point chosen by `first_seed_cell`, the same condition's seed-0 cell."""
+    if seed > 0 and select == "first_seed":
+        cell["grid_from"] = first_seed_cell
+    else:
+        cell["grid"] = grid
+    return cell
+
+
+def cell_config(cell: dict):
+    """A study cell's config alone (without init_from), unlocked: what a study file's
+    `get_config` returns, so `python -m tlx.main --config=configs/STUDY.py` trains it."""
+    from tlx import config as tlx_config
+
+    c = tlx_config.load(cell["config"], **cell["overrides"])
+    c.unlock()
+    return c
+
+
 def load_study(spec: str) -> list[dict]:
     """The cells of `spec` ('configs/quadrants.py:tiny'), checked."""
     from tlx import config as tlx_config
