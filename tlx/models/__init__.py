@@ -5,7 +5,7 @@ whose top-level submodules are `stem`, `stage1`..`stageN`, `head` and which take
 
 import functools
 
-from tlx.models import efficientnet, mobilenet_v2, resnet
+from tlx.models import efficientnet, mobilenet_v2, resnet, vit
 
 MODELS = {
     # About 0.17M parameters: for tests and demos on 2 CPU cores.
@@ -23,6 +23,12 @@ MODELS = {
     # ImageNet-pretrained weights convert from PyTorch files: see tlx.convert.
     "mobilenet_v2": mobilenet_v2.mobilenet_v2,
     "efficientnet_lite0": efficientnet.efficientnet_lite0,
+    # ViTs in big_vision's layout (tlx.models.vit); weights convert from big_vision/AugReg .npz
+    # and timm files (tlx.convert.vit). vit_ti4: ViT-Ti, patch 4, average pooling, for 32 px.
+    "vit_ti4": functools.partial(vit.vit, variant="Ti", patch_size=4, pool_type="gap"),
+    "vit_ti16": functools.partial(vit.vit, variant="Ti", patch_size=16),
+    "vit_s16": functools.partial(vit.vit, variant="S", patch_size=16),
+    "vit_b16": functools.partial(vit.vit, variant="B", patch_size=16),
 }
 
 
