@@ -10,13 +10,10 @@ import os
 import numpy as np
 from PIL import Image
 
-# name -> (mean, std) over RGB in [0, 1].
-NORMALIZATION = {
-    # torchvision's ImageNet statistics (MobileNetV2, ResNets).
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # (x - 127) / 128 on 0..255: TensorFlow's EfficientNet-Lite (and Inception-style) models.
-    "tf_lite": ((127.0 / 255,) * 3, (128.0 / 255,) * 3),
-}
+from tlx.data import ops
+
+# name -> (mean, std) over RGB in [0, 1]: the one definition, shared with the training pipeline.
+NORMALIZATION = ops.NORMALIZATION
 
 # torchvision's evaluation crop: resize the shorter side to 256, center-crop 224.
 CROP_FRACTION = 224 / 256
@@ -53,13 +50,8 @@ def center_crop(image: Image.Image, image_size: int, crop_fraction: float = CROP
 
 
 def normalize(pixels: np.ndarray, normalization: str = "imagenet") -> np.ndarray:
-    """uint8 (..., 3) -> float32 (x / 255 - mean) / std."""
-    if normalization not in NORMALIZATION:
-        raise ValueError(
-            f"unknown normalization {normalization!r}; use one of {list(NORMALIZATION)}"
-        )
-    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[normalization])
-    return (np.asarray(pixels, np.float32) / 255.0 - mean) / std
+    """uint8 (..., 3) -> float32 (x / 255 - mean) / std (`tlx.data.ops.normalize`)."""
+    return ops.normalize(pixels, normalization)
 
 
 def preprocess(

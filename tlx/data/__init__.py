@@ -13,10 +13,9 @@ format under the data dir (``data_dir``, else ``$TLX_DATA_DIR``, else
 ``~/.cache/tlx/tensorflow_datasets``).
 """
 
-import ml_collections
+import importlib
 
-from tlx.data.builders import default_data_dir
-from tlx.data.pipeline import BUILTIN, Dataset, DatasetNotPreparedError, load
+import ml_collections
 
 __all__ = [
     "BUILTIN",
@@ -26,6 +25,21 @@ __all__ = [
     "default_data_dir",
     "load",
 ]
+# Imported on first use, so that `tlx.data.ops` (normalisation, used by tlx.imagenet and
+# tlx.predict) does not load tensorflow_datasets and grain.
+_LAZY = {
+    "BUILTIN": "pipeline",
+    "Dataset": "pipeline",
+    "DatasetNotPreparedError": "pipeline",
+    "default_data_dir": "builders",
+    "load": "pipeline",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tlx.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tlx.data' has no attribute {name!r}")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,9 +55,22 @@ def default_config() -> ml_collections.ConfigDict:
     # 0 = all; else exactly this many per class from what remains of train after the val carve.
     c.examples_per_class = 0
     c.subset_seed = 0
+    # 'auto': in memory when the decoded train + test splits fit
+    # tlx.data.stream.IN_MEMORY_BUDGET_BYTES (512 MiB) and nothing needs the stored images;
+    # 'true': decoded and resized once, kept in memory; 'false': streamed from the records.
+    c.in_memory = "auto"
+    c.workers = 2  # streaming path: worker processes that read, decode and augment batches
+    # Evaluation on the streaming path: 0 = the centre square resized (as in memory); else
+    # resize_small(image_size / fraction) + central_crop(image_size), e.g. 0.875 (224 of 256).
+    c.eval_crop_fraction = 0.0
     c.augment = ml_collections.ConfigDict()
     c.augment.crop_padding = 4  # random crop after zero padding by this much; 0 = off
     c.augment.flip = True  # random horizontal flip
+    # Inception crop (streaming path): a random box of inception_scale x the area, aspect
+    # inception_ratio, resized to image_size; replaces the centre square + resize.
+    c.augment.inception_crop = False
+    c.augment.inception_scale = (0.08, 1.0)
+    c.augment.inception_ratio = (3 / 4, 4 / 3)
     c.fractals = ml_collections.ConfigDict()
     c.fractals.num_classes = 30
     c.fractals.class_offset = 0  # classes offset..offset+num_classes-1 of the seeded sequence
@@ -51,4 +78,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.fractals.test_per_class = 50
     c.fractals.resolution = 32
     c.fractals.system_seed = 0
+    c.fractaldb = fractaldb_config()
+    return c
+
+
+def fractaldb_config() -> ml_collections.ConfigDict:
+    """The fields of ``config.data.fractaldb`` (`tlx.data.fractaldb`), with their defaults."""
+    c = ml_collections.ConfigDict()
+    c.num_classes = 1000
+    c.train_per_class = 1000
+    c.test_per_class = 100
+    c.resolution = 32
+    c.system_seed = 0
+    c.workers = 0  # processes that render the build; 0 = one per CPU core
     return c

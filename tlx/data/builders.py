@@ -210,6 +210,7 @@ def prepare(
     cls: type[tfds.core.DatasetBuilder],
     data_dir: str,
     config: tfds.core.BuilderConfig | str | None = None,
+    download_config: tfds.download.DownloadConfig | None = None,
 ) -> tfds.core.DatasetBuilder:
     """A builder of ``cls`` (with ``config``) under ``data_dir``, built to array_record once.
 
@@ -240,7 +241,8 @@ def prepare(
                     logging.info("tlx.data: building %s to %s", cls.name, dataset_dir)
                     builder.download_and_prepare(
                         file_format="array_record",
-                        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+                        download_config=download_config
+                        or tfds.download.DownloadConfig(try_download_gcs=False),
                     )
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)

@@ -12,6 +12,9 @@ Why preprocess once in memory: these datasets are small (the default fractals so
 cores, which the train step needs, on identical work. Kept as uint8 at the model's resolution,
 augmentation (random crop after zero padding, horizontal flip) and normalisation run vectorised
 on whole batches inside grain, whose iterators carry a checkpointable position.
+
+Datasets too large for that (``data.in_memory``: 'auto' decides by size) take the streaming path,
+`tlx.data.stream`, with the same interface, examples, order and augmentation draws.
 """
 
 from __future__ import annotations
@@ -26,19 +29,18 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from tlx.data import builders, fractals
+from tlx.data import builders, fractals, ops
+from tlx.data.ops import to_model_format
 
 PACKAGED = {
     "digits": builders.Digits,
     "mnist5k": builders.Mnist5k,
     "lfw_subset": builders.LfwSubset,
 }
-BUILTIN = ("fractals", *PACKAGED)
+BUILTIN = ("fractals", "fractaldb", *PACKAGED)
 VAL_SPLIT_SEED = 1_000_003  # fixed: the val carve never depends on a run's seed
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN, IMAGENET_STD = (np.array(v, np.float32) for v in ops.NORMALIZATION["imagenet"])
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
@@ -67,6 +69,8 @@ class Dataset:
     # Where each example comes from: 'train' and 'val' index the source's train split, 'test' its
     # test split (or 'validation' for a catalog dataset without a test split).
     indices: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    # Which input path this is and why (`tlx.data.stream.choose_path`), for summary.json.
+    input: dict = dataclasses.field(default_factory=lambda: {"path": "memory", "reason": ""})
 
     def describe(self) -> dict:
         return {
@@ -75,6 +79,7 @@ class Dataset:
             "num_examples": dict(self.num_examples),
             "image_shape": list(self.image_shape),
             "data_dir": self.data_dir,
+            "input": dict(self.input),
         }
 
     def train_iter(
@@ -121,10 +126,10 @@ class Dataset:
         indices = indices[rows]
         x = self.images["train"][indices]
         if p:
-            x = _random_crop(x, offsets, p)
+            x = ops.pad_crop(x, offsets, p)
         if flips is not None:
-            x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
-        return {"image": self._normalize(x), "label": self.labels["train"][indices]}
+            x = ops.flip(x, flips)
+        return {"image": ops.normalize(x, self.normalize), "label": self.labels["train"][indices]}
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[dict]:
         """One pass over ``split`` in a fixed order, no augmentation.
@@ -143,16 +148,7 @@ class Dataset:
             if real < batch_size:
                 x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]), x.dtype)])
                 y = np.concatenate([y, np.zeros(batch_size - real, y.dtype)])
-            yield {"image": self._normalize(x), "label": y, "mask": mask}
-
-    def _normalize(self, x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float32) * np.float32(1.0 / 255.0)
-        if self.normalize == "unit":
-            return x * np.float32(2.0) - np.float32(1.0)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if x.shape[-1] == 1:  # grey: the channel average of ImageNet's statistics
-            mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
-        return (x - mean) / std
+            yield {"image": ops.normalize(x, self.normalize), "label": y, "mask": mask}
 
 
 @functools.lru_cache(maxsize=4)
@@ -172,15 +168,6 @@ def _batch_indices(step: int, _, n: int, batch_size: int, seed: int) -> np.ndarr
     return _epoch_permutation(n, seed, epoch)[position * batch_size : (position + 1) * batch_size]
 
 
-def _random_crop(x: np.ndarray, offsets: np.ndarray, p: int) -> np.ndarray:
-    """Per-example crops of size H x W from ``x`` zero-padded by ``p``, at ``offsets`` [B, 2]."""
-    b, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    r = offsets[:, 0, None] + np.arange(h)  # [B, H]
-    c = offsets[:, 1, None] + np.arange(w)  # [B, W]
-    return padded[np.arange(b)[:, None, None], r[:, :, None], c[:, None, :]]
-
-
 # ------------------------------------------------------------------------------------------------
 # Loading.
 
@@ -190,24 +177,22 @@ def resolve_data_dir(cfg: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(cfg.data_dir) if cfg.data_dir else builders.default_data_dir()
 
 
-def load(cfg: ml_collections.ConfigDict) -> Dataset:
-    """The `Dataset` that ``cfg`` (``config.data``, see `tlx.data.default_config`) describes."""
-    if cfg.normalize not in ("unit", "imagenet"):
-        raise ValueError(f"data.normalize must be 'unit' or 'imagenet', got {cfg.normalize!r}")
-    if cfg.channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+def load(cfg: ml_collections.ConfigDict):
+    """The dataset that ``cfg`` (``config.data``, see `tlx.data.default_config`) describes: a
+    `Dataset` (in memory) or a `tlx.data.stream.StreamingDataset`, as ``cfg.in_memory`` decides."""
+    check_config(cfg)
+    from tlx.data import stream  # the streaming path builds on this module
+
     data_dir = resolve_data_dir(cfg)
-    fractal_params = tuple(sorted(cfg.fractals.to_dict().items())) if cfg.name == "fractals" else ()
+    params = builder_params(cfg)
+    in_memory, reason = stream.choose_path(cfg, open_builder(cfg.name, data_dir, params).info)
+    if not in_memory:
+        return stream.StreamingDataset.open(cfg, data_dir, params, reason)
     num_classes, splits = _read_splits(
-        cfg.name, data_dir, fractal_params, int(cfg.image_size), int(cfg.channels)
+        cfg.name, data_dir, params, int(cfg.image_size), int(cfg.channels)
     )
     (train_x, train_y), test = splits["train"], splits["test"]
-
-    keep, val = builders.stratified_split(train_y, float(cfg.val_fraction), VAL_SPLIT_SEED)
-    if cfg.examples_per_class:
-        keep = per_class_subset(train_y, keep, int(cfg.examples_per_class), int(cfg.subset_seed))
+    keep, val = carve(train_y, cfg)
     indices = {"train": keep, "val": val, "test": np.arange(len(test[1]))}
     images = {"train": train_x[keep], "val": train_x[val], "test": test[0]}
     labels = {"train": train_y[keep], "val": train_y[val], "test": test[1]}
@@ -223,7 +208,37 @@ def load(cfg: ml_collections.ConfigDict) -> Dataset:
         images=images,
         labels=labels,
         indices=indices,
+        input={"path": "memory", "reason": reason},
     )
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.normalize not in ops.NORMALIZATION:
+        raise ValueError(
+            f"data.normalize must be one of {list(ops.NORMALIZATION)}, got {cfg.normalize!r}"
+        )
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+
+
+def builder_params(cfg: ml_collections.ConfigDict) -> tuple:
+    """The builder parameters of tlx's procedural sources (``cfg.fractals``, ``cfg.fractaldb``)
+    as a hashable tuple; () for every other dataset."""
+    if cfg.name in ("fractals", "fractaldb"):
+        return tuple(sorted(cfg[cfg.name].to_dict().items()))
+    return ()
+
+
+def carve(train_labels: np.ndarray, cfg: ml_collections.ConfigDict):
+    """(kept, val) indices into the source's train split: the stratified val carve with a fixed
+    seed, then ``examples_per_class`` of what is left (both paths use this)."""
+    keep, val = builders.stratified_split(train_labels, float(cfg.val_fraction), VAL_SPLIT_SEED)
+    if cfg.examples_per_class:
+        k, seed = int(cfg.examples_per_class), int(cfg.subset_seed)
+        keep = per_class_subset(train_labels, keep, k, seed)
+    return keep, val
 
 
 def per_class_subset(labels: np.ndarray, indices: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -241,11 +256,17 @@ def per_class_subset(labels: np.ndarray, indices: np.ndarray, k: int, seed: int)
     return np.sort(np.concatenate(chosen))
 
 
-def open_builder(name: str, data_dir: str, fractal_params: tuple = ()) -> tfds.core.DatasetBuilder:
-    """A prepared builder for ``name``: tlx's own (built here on first use) or a catalog one."""
+def open_builder(name: str, data_dir: str, params: tuple = ()) -> tfds.core.DatasetBuilder:
+    """A prepared builder for ``name``: tlx's own (built here on first use) or a catalog one.
+
+    ``params``: `builder_params` (the fields of ``data.fractals`` / ``data.fractaldb``)."""
     if name == "fractals":
-        config = fractals.config_for(**dict(fractal_params))
+        config = fractals.config_for(**dict(params))
         return builders.prepare(fractals.Fractals, data_dir, config)
+    if name == "fractaldb":
+        from tlx.data import fractaldb
+
+        return fractaldb.prepare(data_dir, **dict(params))
     if name in PACKAGED:
         return builders.prepare(PACKAGED[name], data_dir)
     return _catalog_builder(name, data_dir)
@@ -281,19 +302,14 @@ def _catalog_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 
 @functools.lru_cache(maxsize=8)
 def _read_splits(
-    name: str, data_dir: str, fractal_params: tuple, image_size: int, channels: int
+    name: str, data_dir: str, params: tuple, image_size: int, channels: int
 ) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """num_classes and {'train', 'test'}: (uint8 [N, S, S, C], int32 [N]), read-only, cached."""
-    builder = open_builder(name, data_dir, fractal_params)
+    builder = open_builder(name, data_dir, params)
     info = builder.info
-    image_key, label_key = _feature_keys(info)
+    image_key, label_key = feature_keys(info)
     num_classes = int(info.features[label_key].num_classes)
-    test_split = next((s for s in ("test", "validation") if s in info.splits), None)
-    if "train" not in info.splits or test_split is None:
-        raise ValueError(
-            f"dataset {name!r} needs a 'train' split and a 'test' or 'validation' split; "
-            f"it has {sorted(info.splits)}"
-        )
+    test_split = source_test_split(info)
     out = {}
     for split, source_split in (("train", "train"), ("test", test_split)):
         with builders.quiet():  # e.g. "OpenCV is not installed ... Defaulting to PIL"
@@ -305,7 +321,19 @@ def _read_splits(
     return num_classes, out
 
 
-def _feature_keys(info: tfds.core.DatasetInfo) -> tuple[str, str]:
+def source_test_split(info: tfds.core.DatasetInfo) -> str:
+    """The source split that serves as 'test': 'test', else 'validation'; checks 'train' too."""
+    test_split = next((s for s in ("test", "validation") if s in info.splits), None)
+    if "train" not in info.splits or test_split is None:
+        raise ValueError(
+            f"dataset {info.name!r} needs a 'train' split and a 'test' or 'validation' split; "
+            f"it has {sorted(info.splits)}"
+        )
+    return test_split
+
+
+def feature_keys(info: tfds.core.DatasetInfo) -> tuple[str, str]:
+    """(image, label) feature names: the supervised keys, else 'image' and 'label'."""
     keys = tuple(info.supervised_keys or ())
     if len(keys) == 2 and all(isinstance(k, str) for k in keys):
         return keys
@@ -331,27 +359,3 @@ def _read_split(builder, split, image_key, label_key, size, channels):
             x[i] = to_model_format(ex[image_key], size, channels)
             y[i] = ex[label_key]
     return x, y
-
-
-def to_model_format(image: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """Any uint8 image [H, W] or [H, W, 1|3|4] -> [size, size, channels] uint8.
-
-    Grey is repeated to RGB and RGB reduced to luminance (ITU-R 601, Pillow's 'L'); a non-square
-    image is centre-cropped to a square first; resizing is Pillow bilinear (antialiased when
-    shrinking).
-    """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.shape[:2] == (size, size) and (image.ndim == 2) == (channels == 1):
-        if image.ndim == 2 or image.shape[-1] == 3:
-            return image.reshape(size, size, channels)
-    h, w = image.shape[:2]
-    if h != w:
-        m = min(h, w)
-        top, left = (h - m) // 2, (w - m) // 2
-        image = image[top : top + m, left : left + m]
-    pil = Image.fromarray(np.ascontiguousarray(image)).convert("L" if channels == 1 else "RGB")
-    if pil.size != (size, size):
-        pil = pil.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(pil, np.uint8).reshape(size, size, channels)
