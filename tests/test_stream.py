@@ -125,6 +125,9 @@ def test_in_memory_auto_follows_the_budget_and_the_ops(data_dir, monkeypatch):
     assert crop.describe()["input"]["reason"] == (
         "auto: data.augment.inception_crop needs the images at their stored size"
     )
+    assert ds.augments and crop.augments  # pad-crop + flip by default; the Inception crop
+    plain = {"augment.crop_padding": 0, "augment.flip": False}
+    assert not data.load(config(data_dir, in_memory="false", **plain)).augments
     with pytest.raises(ValueError, match="data.augment.inception_crop needs the images"):
         data.load(config(data_dir, in_memory="true", **{"augment.inception_crop": True}))
     with pytest.raises(ValueError, match="data.in_memory must be"):

@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.examples_per_class = 0
     c.subset_seed = 0
     # 'auto': in memory when the decoded train + test splits fit
-    # tlx.data.stream.IN_MEMORY_BUDGET_BYTES (512 MiB) and nothing needs the stored images;
+    # tlx.data.stream.IN_MEMORY_BUDGET_BYTES (256 MiB) and nothing needs the stored images;
     # 'true': decoded and resized once, kept in memory; 'false': streamed from the records.
     c.in_memory = "auto"
     c.workers = 2  # streaming path: worker processes that read, decode and augment batches

@@ -247,6 +247,7 @@ class FractalDB(PackagedBuilder):
     """FractalDB: IFS categories from a filling-rate search, instances by weight / flip / patch
     variation, PNG-encoded (see the module docstring)."""
 
+    name = "fractaldb"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
 

@@ -72,6 +72,11 @@ class Dataset:
     # Which input path this is and why (`tlx.data.stream.choose_path`), for summary.json.
     input: dict = dataclasses.field(default_factory=lambda: {"path": "memory", "reason": ""})
 
+    @property
+    def augments(self) -> bool:
+        """Whether training batches are augmented (so features can't be cached)."""
+        return bool(self.crop_padding or self.flip)
+
     def describe(self) -> dict:
         return {
             "name": self.name,
