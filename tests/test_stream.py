@@ -427,3 +427,27 @@ def test_streaming_run_killed_mid_epoch_resumes_to_the_same_params(tmp_path):
     assert summary["dataset"]["input"]["path"] == "stream"
     a, b = checkpoint.read_variables(str(full)), checkpoint.read_variables(str(killed))
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# The source-scale study's cells.
+
+
+def test_source_scale_study_cells():
+    from tlx import config as tlx_config
+
+    study = tlx_config.load_module(os.path.join(ROOT, "configs/source_scale.py"), "study")
+    cells = study.get_sweep()
+    sources = [c for c in cells if c["name"].startswith("source/")]
+    assert [c["name"] for c in sources] == [
+        "source/10x1000",
+        "source/100x100",
+        "source/1000x10",
+        "source/100x1000",
+    ]
+    assert len(cells) == 4 + 2 * (4 * 3 + 1) * 3
+    runs = [c for c in cells if "init_from" in c]
+    assert {c["init_from"] for c in runs} == {c["name"] for c in sources}
+    assert {c["axes"]["source_images"] for c in runs} == {10_000, 100_000}
+    with pytest.raises(ValueError, match="'10by10' is not CxN"):
+        study.get_sweep("sources=10by10")
