@@ -349,6 +349,8 @@ def test_fractaldb_builds_deterministically_and_streams(tmp_path):
     cfg.fractaldb.update(FDB)
     ds = data.load(cfg)
     assert ds.num_classes == 3 and ds.num_examples == {"train": 81, "val": 9, "test": 15}
+    (cached,) = (tmp_path / "a" / "tlx_labels").glob("fractaldb_c3_tr30_te5_r32_s0_1.0.0_*/")
+    np.testing.assert_array_equal(np.load(cached / "train.npy"), np.repeat([0, 1, 2], 30))
     # Categories are a prefix of one seeded sequence, whatever their number.
     two = fractaldb.systems(0, 2)
     assert all(np.array_equal(x, y) for x, y in zip(two, fractaldb.systems(0, 3), strict=False))

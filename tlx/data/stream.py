@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 
 import grain
@@ -135,15 +137,44 @@ def _open(name: str, data_dir: str, params: tuple, split: str):
 
 @functools.lru_cache(maxsize=16)
 def read_labels(source: Source, split: str) -> np.ndarray:
-    """Every label of ``split`` (int32, read-only), reading no image."""
+    """Every label of ``split`` (int32, read-only), reading no image.
+
+    Parsing every record takes ~0.1 ms (11.7 s for fractaldb's 110k), so the labels are kept in
+    ``DATA_DIR/tlx_labels/`` once read, keyed by the dataset's directory and the time its
+    dataset_info.json was written (a rebuilt dataset is read again)."""
     records, _, label_key = source.open(split)
+    cache = _labels_path(source, split)
+    if cache and os.path.exists(cache):
+        labels = np.load(cache)
+        if len(labels) == len(records):
+            labels.flags.writeable = False
+            return labels
     n = len(records)
     labels = np.empty(n, np.int32)
     for start in range(0, n, 1024):
         chunk = source.read(split, range(start, min(start + 1024, n)))
         labels[start : start + len(chunk)] = [ex[label_key] for ex in chunk]
+    if cache:
+        try:  # atomic; a read-only data dir just isn't cached
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npy")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, labels)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
     labels.flags.writeable = False
     return labels
+
+
+def _labels_path(source: Source, split: str) -> str | None:
+    builder = pipeline.open_builder(source.name, source.data_dir, source.params)
+    info = os.path.join(str(builder.data_dir), "dataset_info.json")
+    if not os.path.exists(info):
+        return None
+    rel = os.path.relpath(str(builder.data_dir), source.data_dir).replace(os.sep, "_")
+    stamp = int(os.stat(info).st_mtime_ns)
+    return os.path.join(source.data_dir, "tlx_labels", f"{rel}_{stamp}", f"{split}.npy")
 
 
 @dataclasses.dataclass(frozen=True)
