@@ -272,29 +272,6 @@ def test_catalog_jpegs_stream_with_inception_crop(photos):
     np.testing.assert_array_equal(batches[0]["image"][0], ops.normalize(np.asarray(expected)))
 
 
-@pytest.mark.slow
-def test_catalog_jpegs_train_through_the_train_loop(photos, tmp_path):
-    from tlx import config as tlx_config
-    from tlx import train
-
-    c = tlx_config.load(
-        os.path.join(ROOT, "configs/pretrain.py:steps=4,batch_size=16,image_size=48"),
-        progress=False,
-        tensorboard=False,
-        **{
-            "data.name": "tlx_photo_catalog",
-            "data.data_dir": str(photos),
-            "data.workers": 1,
-            "data.augment.inception_crop": True,
-            "data.augment.crop_padding": 0,
-            "eval_train": False,
-        },
-    )
-    summary = train.run(c, str(tmp_path))
-    assert summary["dataset"]["input"]["path"] == "stream"
-    assert summary["dataset"]["num_classes"] == 4
-
-
 # ------------------------------------------------------------------------------------------------
 # Bad datasets: one clear error each.
 
@@ -373,29 +350,33 @@ def test_fractaldb_instances_vary_by_weight_flip_and_patch():
 
 
 KILL_RUN = {
-    "data.in_memory": "false",
+    "data.name": "tlx_photo_catalog",
     "data.workers": 1,
-    "data.fractals.num_classes": 4,
-    "data.fractals.train_per_class": 30,
-    "data.fractals.test_per_class": 5,
+    "data.augment.inception_crop": True,
+    "data.augment.crop_padding": 0,
+    "data.eval_crop_fraction": 0.875,
     "optim.schedule": "constant",
     "checkpoint_every": 5,
     "eval_every": 0,
     "eval_train": False,
 }
-KILL_SPEC = "configs/pretrain.py:steps=24,batch_size=16"
+KILL_SPEC = "configs/pretrain.py:steps=24,batch_size=16,image_size=48"
 
 
 @pytest.mark.slow
-def test_streaming_run_killed_mid_epoch_resumes_to_the_same_params(tmp_path):
+def test_streaming_run_killed_mid_epoch_resumes_to_the_same_params(photos, tmp_path):
+    """The catalog JPEGs at 48 px with Inception crop, through the train loop: killed with
+    SIGKILL after a checkpoint, resumed, the same params as a run never interrupted."""
     import jax
 
     from tlx import checkpoint, train
     from tlx import config as tlx_config
 
+    settings = {**KILL_RUN, "data.data_dir": str(photos)}
+
     def run(workdir):
         c = tlx_config.load(os.path.join(ROOT, KILL_SPEC), progress=False, tensorboard=False)
-        for key, value in KILL_RUN.items():
+        for key, value in settings.items():
             *parents, leaf = key.split(".")
             node = c
             for p in parents:
@@ -405,8 +386,10 @@ def test_streaming_run_killed_mid_epoch_resumes_to_the_same_params(tmp_path):
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(full)
-    # 108 train examples / 16 = 6 steps an epoch; checkpoints at 5, 10, 15, 20 are all mid-epoch.
-    flags = [f"--config.{k}={str(v).lower()}" for k, v in KILL_RUN.items()]
+    # 216 train examples / 16 = 13 steps an epoch; checkpoints at 5, 10, 15, 20: all mid-epoch.
+    flags = [
+        f"--config.{k}={v if isinstance(v, str) else str(v).lower()}" for k, v in settings.items()
+    ]
     cmd = [sys.executable, "-m", "tlx.main", f"--config={KILL_SPEC}", f"--workdir={killed}"]
     proc = subprocess.Popen(
         cmd + flags + ["--config.progress=false"],
@@ -427,6 +410,11 @@ def test_streaming_run_killed_mid_epoch_resumes_to_the_same_params(tmp_path):
     summary = run(killed)
     assert summary["resumed_from"] in (5, 10, 15, 20)
     assert summary["dataset"]["input"]["path"] == "stream"
+    assert summary["dataset"]["num_classes"] == 4 and summary["dataset"]["image_shape"] == [
+        48,
+        48,
+        3,
+    ]
     a, b = checkpoint.read_variables(str(full)), checkpoint.read_variables(str(killed))
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
@@ -453,3 +441,16 @@ def test_source_scale_study_cells():
     assert {c["axes"]["source_images"] for c in runs} == {10_000, 100_000}
     with pytest.raises(ValueError, match="'10by10' is not CxN"):
         study.get_sweep("sources=10by10")
+
+
+def test_a_corrupt_array_record_file_is_named(photos, tmp_path):
+    import shutil
+
+    shutil.copytree(photos, tmp_path, dirs_exist_ok=True)
+    (shard,) = (tmp_path / "tlx_photo_catalog" / "1.0.0").glob("*-train.array_record-*")
+    with open(shard, "r+b") as f:  # overwrite bytes in the middle of the file
+        f.seek(shard.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    with pytest.raises(stream.CorruptRecordError, match=r"train record \d+ cannot be read: "):
+        ds = data.load(config(tmp_path, "tlx_photo_catalog", in_memory="false", val_fraction=0.0))
+        list(ds.eval_batches("train", 64))  # labels may be cached: the images are read here
