@@ -173,6 +173,15 @@ def test_rule_freezes_through_the_deepest_general_stage_on_a_different_target():
     assert advise.recommend(sim, 10, 4)["strategy"] == "freeze_stages=2"
 
 
+def test_rule_tolerates_one_example_where_the_best_probe_is_perfect_on_every_fold():
+    perfect = rows([0.9, 1.0, 0.99, 0.99], se=0.0)
+    assert advise.similarity(perfect, 2)["deepest_general_stage"] == "stage1"
+    for r in perfect:
+        r["probe"]["resolution"] = 1 / 48  # one example of a 48-example fold
+    sim = advise.similarity(perfect, 2)
+    assert sim["deepest_general_stage"] == "stage3" and sim["label"] == "similar"
+
+
 # -- the advisor end to end -----------------------------------------------------------------------
 class Spy(dict):
     """A split dict that records which splits are read."""
@@ -261,7 +270,7 @@ def test_fewshot_evaluator_gives_the_ridge_probe_accuracy_on_val(pretrained):
     )
     evaluate = fewshot.make_fewshot_evaluator(c, model)
     out = evaluate(4, variables["params"], variables["batch_stats"])
-    assert set(out) == {"fewshot/digits_1shot", "fewshot/digits_3shot", "fewshot/seconds"}
+    assert set(out) == {"digits_1shot", "digits_3shot", "seconds"}
     # the same number by hand: 3 shots from the train split, the probe scored on val
     ds = tlx_data.load(fewshot.target_data_config(c, "digits"))
     index = fewshot.kshot_indices(ds.labels["train"], 3, 0)
@@ -276,4 +285,4 @@ def test_fewshot_evaluator_gives_the_ridge_probe_accuracy_on_val(pretrained):
     x, y = feats(shots), ds.labels["train"][index]
     l2 = probe.cross_validate_ridge(x, y, 10, folds=3).l2
     acc = probe.ridge_accuracy(x, y, feats(ds), ds.labels["val"], 10, (l2,))[0]
-    assert out["fewshot/digits_3shot"] == pytest.approx(acc, abs=1.5 / len(ds.labels["val"]))
+    assert out["digits_3shot"] == pytest.approx(acc, abs=1.5 / len(ds.labels["val"]))

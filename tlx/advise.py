@@ -150,10 +150,12 @@ def similarity(rows: list[dict], num_classes: int) -> dict:
     retained = (acc_last - 1/C) / (acc_best - 1/C). The deepest features are the most specific
     to the source (Yosinski et al. 2014): on a target like the source they are the best
     features, on a different one an earlier stage's are. `similar` = the last stage is within
-    one standard error (over folds) of the best (the one-SE rule), so noise decides nothing."""
+    one standard error (over folds) of the best (the one-SE rule), so noise decides nothing;
+    the tolerance is at least one example of a held-out fold (a probe at 100% on every fold
+    has SE 0, and one error more is not a resolvable difference)."""
     acc = np.array([r["probe"]["accuracy"] for r in rows])
     best = int(np.argmax(acc))
-    tol = rows[best]["probe"]["se"]
+    tol = max(rows[best]["probe"]["se"], rows[best]["probe"].get("resolution", 0.0))
     chance = 1.0 / num_classes
     retained = (acc[-1] - chance) / max(acc[best] - chance, 1e-12)
     general = max(i for i in range(len(rows)) if acc[i] >= acc[best] - tol)
@@ -274,8 +276,8 @@ def format_table(advice: dict) -> str:
     s, rec, seed = advice["similarity"], advice["recommendation"], advice["seed_table"]
     lines += [
         f"similarity: {s['label']} (last stage keeps {100 * s['retained']:.0f}% of the best "
-        f"stage's above-chance probe accuracy; best {s['best_stage']}, deepest within one SE "
-        f"({100 * s['tolerance']:.1f} pp) {s['deepest_general_stage']})",
+        f"stage's above-chance probe accuracy; best {s['best_stage']}, deepest within "
+        f"max(SE, 1 example) = {100 * s['tolerance']:.1f} pp of it: {s['deepest_general_stage']})",
         f"size: {advice['size']} ({advice['examples_per_class']['mean']:g}/class; large >= "
         f"{LARGE_PER_CLASS})",
         f"seed's table ({seed['similarity']}, {seed['size']}): {seed['strategy']}",

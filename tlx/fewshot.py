@@ -4,7 +4,7 @@ closed-form ridge probe's accuracy on each target at k shots per class, on the t
     config.fewshot = tlx.fewshot.default_config()   # every=0: off
     evaluate = make_fewshot_evaluator(config, model)
     if config.fewshot.every and step % config.fewshot.every == 0:
-        log.write({"step": step, **evaluate(step, params, batch_stats)})
+        log.write({"step": step, "split": "fewshot", **evaluate(step, params, batch_stats)})
 
 The k-shot training examples are drawn once from each target's train split (per seed: the first
 k of a seeded permutation of each class) and stay the same at every evaluation, so the curve over
@@ -19,7 +19,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from tlx import config as tlx_config
 from tlx import data as tlx_data
 from tlx import probe
 
@@ -68,6 +67,8 @@ def kshot_indices(labels, shots: int, seed: int) -> np.ndarray:
 def target_data_config(config, name: str) -> ml_collections.ConfigDict:
     """The run's data config (its resolution, channels, normalisation) pointed at target `name`,
     all of its training split, no augmentation."""
+    from tlx import config as tlx_config  # here: tlx.config may import this module for its block
+
     d = ml_collections.ConfigDict(config.data.to_dict())
     tlx_config.set_dataset(d, name, "target")
     d.examples_per_class = 0
@@ -76,8 +77,8 @@ def target_data_config(config, name: str) -> ml_collections.ConfigDict:
 
 
 def make_fewshot_evaluator(config, model):
-    """fn(step, params, batch_stats) -> {'fewshot/TARGET_Kshot': accuracy, ...,
-    'fewshot/seconds': s} for `config.fewshot` (default_config() where absent). Pass host
+    """fn(step, params, batch_stats) -> {'TARGET_Kshot': accuracy, ..., 'seconds': s} for
+    `config.fewshot` (default_config() where absent). Pass host
     (unreplicated) params. The targets' data load here, once; shots that a class cannot supply
     fail here, before training starts."""
     fc = config.get("fewshot", None) or default_config()
@@ -125,8 +126,8 @@ def make_fewshot_evaluator(config, model):
                     else:
                         l2 = float(fc.l2)
                     accs.append(probe.ridge_accuracy(x, y, x_val, y_val, ds.num_classes, (l2,))[0])
-                out[f"fewshot/{name}_{k}shot"] = float(np.mean(accs))
-        out["fewshot/seconds"] = time.time() - t
+                out[f"{name}_{k}shot"] = float(np.mean(accs))
+        out["seconds"] = time.time() - t
         return out
 
     return evaluate

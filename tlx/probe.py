@@ -95,6 +95,7 @@ class ProbeResult:
     se: float  # std / sqrt(folds)
     l2: float  # the grid strength with the best mean fold accuracy (the larger of equals)
     fold_accuracy: list  # [folds] at the chosen l2
+    resolution: float  # one example of the smallest held-out fold: 1 / its size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,8 +125,9 @@ def cross_validate_ridge(
     best = len(l2s) - 1 - int(np.argmax(mean[::-1]))  # ties: the stronger penalty
     a = acc[:, best]
     std = float(a.std(ddof=1))
+    resolution = 1.0 / np.bincount(fold, minlength=folds).min()
     return ProbeResult(
-        float(a.mean()), std, float(std / np.sqrt(folds)), float(l2s[best]), a.tolist()
+        float(a.mean()), std, float(std / np.sqrt(folds)), float(l2s[best]), a.tolist(), resolution
     )
 
 
