@@ -44,7 +44,7 @@ def main():
                 tensorboard=False,
                 eval_train=False,
                 log_every=10,
-                **{"freeze.feature_cache": cached},
+                feature_cache=cached,
             )
             s = train.run(config, os.path.join(tmp, name))
             epoch_s = s["dataset"]["num_examples"]["train"] / s["images_per_s"]

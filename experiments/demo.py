@@ -18,6 +18,7 @@ from absl import logging
 
 from tlx import config as tlx_config
 from tlx import train
+from tlx.strategies import presets
 
 STRATEGIES = ("none", "freeze_early", "freeze_most", "linear_probe")
 # (quadrant name, target arg, similarity, size, examples_per_class)
@@ -27,12 +28,8 @@ QUADRANTS = (
     ("different/small", "mnist5k", "different", "small", 10),
     ("different/large", "mnist5k", "different", "large", 0),
 )
-SEED_TABLE = {  # what the seed's table recommends per quadrant
-    "similar/large": "freeze_most",
-    "different/large": "none",
-    "similar/small": "linear_probe",
-    "different/small": "freeze_early",
-}
+# What the seed's table prescribes per quadrant (defined once, in tlx.strategies.presets).
+SEED_TABLE = {q: presets.seed_prescription(size, sim) for q, _, sim, size, _ in QUADRANTS}
 
 
 def run_once(spec: str, workdir: str, **overrides) -> dict:

@@ -6,36 +6,28 @@ import numpy as np
 import pytest
 
 from tlx import config as tlx_config
-from tlx import freeze, models, optim, train
+from tlx import freeze, models, strategies, train
 
 
-def setup(strategy, *, weight_decay=0.1, stages=0, patterns=(), new=("^head/",), name="adamw"):
-    spec = freeze.default_config()
-    spec.strategy, spec.stages, spec.patterns = strategy, stages, list(patterns)
+def run_config(strategy, *, weight_decay=0.1, stages=0, patterns=(), new=("^head/",), name="adamw"):
+    c = tlx_config.base()
+    tlx_config.set_strategy(c, strategy, {"stages": stages} if strategy == "freeze_stages" else {})
+    c.freeze.patterns, c.init_reinit, c.total_steps = list(patterns), list(new), 10
+    c.optim.name, c.optim.lr, c.optim.head_lr = name, 1e-2, 5e-2
+    c.optim.weight_decay, c.optim.clip_norm = weight_decay, 1.0
+    return c
+
+
+def setup(strategy, **kw):
+    """A resnet_tiny run's state, jitted step and batch, built as `train.run` builds them."""
     model = models.build("resnet_tiny", 5)
     x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
     variables = model.init(jax.random.key(0), x[:1], train=False)
-    mask = freeze.frozen_mask(spec, variables["params"])
-    model = model.clone(frozen_bn=freeze.frozen_stages(spec, variables["params"]))
-    cfg = optim.default_config()
-    cfg.name, cfg.lr, cfg.head_lr, cfg.weight_decay, cfg.clip_norm = (
-        name,
-        1e-2,
-        5e-2,
-        weight_decay,
-        1.0,
-    )
-    labels = optim.group_labels(variables["params"], mask, list(new))
-    tx, _ = optim.make(cfg, labels, 10)
-    state = {
-        "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
-        "opt_state": tx.init(variables["params"]),
-        "step": jnp.int32(0),
-    }
-    step = jax.jit(train.make_train_step(model, tx, labels))
+    plan = strategies.plan(run_config(strategy, **kw), variables)
+    state = plan.init_state(variables)
+    step = jax.jit(plan.train_step(model))
     batch = {"image": x, "label": jnp.arange(16) % 5}
-    return state, step, batch, mask, labels
+    return state, step, batch, plan.phases[0].mask, plan.phases[0].labels
 
 
 def flat(tree):
@@ -83,22 +75,28 @@ def test_batchnorm_statistics_of_frozen_stages_unchanged():
             assert not np.array_equal(before[path], after[path]), path
 
 
-def test_bn_statistics_train_when_freeze_bn_stats_is_off():
-    spec = freeze.default_config()
-    spec.strategy, spec.freeze_bn_stats = "linear_probe", False
+def test_bn_statistics_train_when_the_bn_mode_trains_them():
     params = models.build("resnet_tiny", 3).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))[
         "params"
     ]
-    assert freeze.frozen_stages(spec, params) == ()
-    spec.freeze_bn_stats = True
-    assert freeze.frozen_stages(spec, params) == ("stem", "stage1", "stage2", "stage3")
+    patterns = freeze.stage_patterns(["stem", "stage1", "stage2", "stage3"])  # linear_probe's
+    assert freeze.frozen_stages(params, patterns, "train_stats") == ()
+    assert freeze.frozen_stages(params, patterns, "frozen") == (
+        "stem",
+        "stage1",
+        "stage2",
+        "stage3",
+    )
 
 
 def test_presets_on_stage_names():
-    params = models.build("resnet18", 3).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))[
-        "params"
-    ]
-    spec = freeze.default_config()
+    variables = jax.eval_shape(
+        lambda: models.build("resnet18", 3).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )
+
+    def patterns(strategy, **kw):
+        return list(strategies.plan(run_config(strategy, **kw), variables).phases[0].phase.patterns)
+
     expect = {
         "none": [],
         "linear_probe": ["stem", "stage1", "stage2", "stage3", "stage4"],
@@ -106,10 +104,8 @@ def test_presets_on_stage_names():
         "freeze_early": ["stem", "stage1"],
     }
     for strategy, stages in expect.items():
-        spec.strategy = strategy
-        assert freeze.preset_patterns(spec, params) == [f"^{s}/" for s in stages]
-    spec.strategy, spec.stages = "freeze_stages", 2
-    assert freeze.preset_patterns(spec, params) == ["^stem/", "^stage1/", "^stage2/"]
+        assert patterns(strategy) == [f"^{s}/" for s in stages]
+    assert patterns("freeze_stages", stages=2) == ["^stem/", "^stage1/", "^stage2/"]
 
 
 def test_explicit_pattern_freezes_exactly_what_it_matches():

@@ -7,45 +7,57 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from tlx import freeze, models, optim, train
+    from tlx import config, models, strategies
     from tlx.parallel import Runner
     assert jax.device_count() == 2, jax.devices()
+    LR, HEAD_LR, STEPS = 0.05, 0.1, 3
 
-    def trajectory(mode, strategy):
+    def trajectory(mode, strategy, reverse=False):
         runner = Runner(mode)
-        spec = freeze.default_config(); spec.strategy = strategy
-        model = models.build("resnet_tiny", 4, axis_name=runner.axis_name)
-        x = jax.random.normal(jax.random.key(1), (3, 8, 16, 16, 3))
-        params0 = model.init(jax.random.key(0), x[0, :1])
-        mask = freeze.frozen_mask(spec, params0["params"])
-        model = model.clone(frozen_bn=freeze.frozen_stages(spec, params0["params"]))
-        labels = optim.group_labels(params0["params"], mask, ["^head/"])
+        c = config.base()
+        config.set_strategy(c, strategy)
+        c.total_steps = STEPS
         # SGD: Adam divides by sqrt(v), which turns summation-order noise (1e-9) in a near-zero
-        # gradient into a visible step (seen: 3.5e-5 after 3 steps); SGD compares the machinery.
-        cfg = optim.default_config(); cfg.name, cfg.lr, cfg.head_lr = "sgd", 0.05, 0.1
-        tx, _ = optim.make(cfg, labels, 3)
-        state = {"params": params0["params"], "batch_stats": params0["batch_stats"],
-                 "opt_state": tx.init(params0["params"]), "step": jnp.int32(0)}
-        step = runner.train_step(train.make_train_step(model, tx, labels,
-                                                       axis_name=runner.axis_name))
-        state = runner.put_state(state)
+        # gradient into an LR-sized step (seen: 4e-4 after 3 AdamW steps); SGD compares the
+        # machinery (sharding, BatchNorm sync, gradient averaging) and keeps errors in scale.
+        c.optim.name, c.optim.lr, c.optim.head_lr = "sgd", LR, HEAD_LR
+        model = models.build("resnet_tiny", 4, axis_name=runner.axis_name)
+        x = jax.random.normal(jax.random.key(1), (STEPS, 8, 16, 16, 3))
+        variables = model.init(jax.random.key(0), x[0, :1])
+        plan = strategies.plan(c, variables)
+        start = jax.device_get(variables)  # a copy: the step donates the state's buffers
+        state = runner.put_state(plan.init_state(variables))
+        step = runner.train_step(plan.train_step(model, 0, runner.axis_name))
         losses = []
-        for i in range(3):
+        for i in range(STEPS):
             batch = {"image": np.asarray(x[i]), "label": np.arange(8, dtype=np.int32) % 4}
+            if reverse:  # the same examples summed in another order: the same math
+                batch = {k: v[::-1].copy() for k, v in batch.items()}
             state, m = step(state, runner.put_batch(batch))
             losses.append(runner.metrics(m)["loss"])
-        return jax.device_get(runner.get_state(state)), losses
+        return start, jax.device_get(runner.get_state(state)), losses
 
     for strategy in ["none", "freeze_early"]:
-        a, la = trajectory("jit", strategy)
-        b, lb = trajectory("pmap", strategy)
-        leaves = lambda s: jax.tree.leaves((s["params"], s["batch_stats"]))
-        diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-                   for u, v in zip(leaves(a), leaves(b)))
-        print(strategy, "max_abs_diff", diff, "losses", la, lb)
-        assert diff < 1e-5, diff
+        v0, a, la = trajectory("jit", strategy)
+        _, b, lb = trajectory("pmap", strategy)
+        _, r, _ = trajectory("jit", strategy, reverse=True)
+        leaves = lambda s: [np.asarray(t) for t in jax.tree.leaves((s["params"], s["batch_stats"]))]
+        # Well-conditioned: the params move through BatchNorm and ReLU boundaries, so float32
+        # summation order alone (jit on the same batch reversed) already changes them by up to
+        # 1e-4 after 3 steps. pmap must agree with jit as closely as that: per leaf, |jit - pmap|
+        # is at most 4x |jit - jit reversed| (measured: at most 1.0x), plus rounding.
+        worst = 0.0
+        for u, v, w, p0 in zip(leaves(a), leaves(b), leaves(r), leaves(v0)):
+            floor = np.max(np.abs(u - w)) + 1e-7 * (1 + np.max(np.abs(p0)))
+            worst = max(worst, float(np.max(np.abs(u - v)) / (4 * floor)))
+        print(strategy, "worst |jit - pmap| / (4 x summation-order noise):", worst)
+        assert worst <= 1.0, worst
         assert np.allclose(la, lb, atol=1e-5)
         assert not np.allclose(la[0], la[-1])
+        frozen = [k for k in ("stem", "stage1") if strategy == "freeze_early"]
+        for k in frozen:  # frozen in both modes: bit for bit the start
+            jax.tree.map(np.testing.assert_array_equal, a["params"][k], v0["params"][k])
+            jax.tree.map(np.testing.assert_array_equal, b["params"][k], v0["params"][k])
     print("OK")
 """)
 

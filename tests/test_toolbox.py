@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from tlx import checkpoint, freeze, models, optim, strategies, train
+from tlx import checkpoint, freeze, models, optim, strategies, train, transforms
 from tlx import config as tlx_config
+from tlx import step as step_lib
+from tlx.strategies import auto_rgn, l2_sp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = (
@@ -34,30 +36,12 @@ def tiny(config, steps_per_epoch=10):
     x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
     variables = model.init(jax.random.key(0), x[:1], train=False)
     plan = strategies.plan(config, variables, steps_per_epoch, from_checkpoint=True)
-    state = {
-        "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
-        "opt_state": plan.phases[0].tx.init(variables["params"]),
-        "step": jnp.int32(0),
-    }
-    if plan.uses_lr_mult:
-        state["lr_mult"] = strategies.initial_lr_mult(plan, variables["params"])
-    if plan.l2_sp:
-        state["l2_sp_ref"] = jax.tree.map(np.array, variables["params"])
+    state = plan.init_state(variables)
     return model, plan, state, {"image": x, "label": jnp.arange(16) % 5}
 
 
-def jit_step(model, plan, k=0, **kw):
-    s = plan.phases[k]
-    fn = train.make_train_step(
-        model.clone(frozen_bn=s.frozen_bn),
-        s.tx,
-        s.labels,
-        l2_sp=plan.l2_sp,
-        global_lr=s.global_lr,
-        **kw,
-    )
-    return jax.jit(fn)
+def jit_step(model, plan, k=0):
+    return jax.jit(plan.train_step(model, k))
 
 
 def ft(strategy, **overrides):
@@ -68,9 +52,9 @@ def ft(strategy, **overrides):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_is_selectable_from_the_finetune_config(strategy):
     c = ft(strategy)
-    assert c.freeze.strategy == strategy
+    assert c.strategy.name == strategy
     _, plan, _, _ = tiny(c)
-    assert plan.phases and plan.strategy == strategy
+    assert plan.phases and plan.name == strategy
 
 
 @pytest.mark.parametrize(
@@ -78,12 +62,12 @@ def test_every_strategy_is_selectable_from_the_finetune_config(strategy):
     [
         ("bn=keras", "freeze.bn='keras'"),
         ("strategy=lp_ft,lp_fraction=1.5", "lp_fraction=1.5"),
-        ("strategy=layer_decay,layer_decay=0.0", "decay=0.0"),
-        ("strategy=l2_sp,l2_sp_form=prox", "form='prox'"),
-        ("strategy=l2_sp,l2_sp_alpha=-1.0", "alpha=-1.0"),
-        ("strategy=surgical,surgical_stage=stage9", "stage='stage9'.*stage3"),
-        ("strategy=auto_rgn,rgn_batches=0", "batches=0"),
-        ("strategy=gradual_unfreeze,unfreeze_every_epochs=0.0", "every_epochs"),
+        ("strategy=layer_decay,decay=0.0", "decay=0.0"),
+        ("strategy=l2_sp,form=prox", "form='prox'"),
+        ("strategy=l2_sp,alpha=-1.0", "alpha=-1.0"),
+        ("strategy=surgical,stage=stage9", "stage='stage9'.*stage3"),
+        ("strategy=auto_rgn,batches=0", "batches=0"),
+        ("strategy=gradual_unfreeze,every_epochs=0.0", "every_epochs"),
         ("strategy=freeze_lots", "unknown freeze strategy 'freeze_lots'"),
     ],
 )
@@ -94,7 +78,7 @@ def test_a_wrong_knob_value_is_a_clear_error(arg, message):
 
 # -- LR multipliers ----------------------------------------------------------------------------
 def test_layer_decay_multiplier_is_decay_to_the_depth_below_the_top_stage():
-    _, plan, _, _ = tiny(ft("layer_decay", **{"freeze.layer_decay.decay": 0.3}))
+    _, plan, _, _ = tiny(ft("layer_decay", **{"strategy.layer_decay.decay": 0.3}))
     depth = {"stem": 3, "stage1": 2, "stage2": 1, "stage3": 0, "head": 0}
     for path, m in flat(plan.lr_mult).items():
         assert m == 0.3 ** depth[path.split("/")[0]], path
@@ -103,7 +87,7 @@ def test_layer_decay_multiplier_is_decay_to_the_depth_below_the_top_stage():
 def test_regex_multipliers_first_match_wins_and_multiply_layer_decay():
     c = ft("layer_decay", **{"optim.lr_mults": [(r"conv1/kernel$", 0.1), ("^stage", 3.0)]})
     c.unlock()
-    c.freeze.layer_decay.decay = 0.5
+    c.strategy.layer_decay.decay = 0.5
     _, plan, _, _ = tiny(c)
     m = flat(plan.lr_mult)
     assert m["stem/conv1/kernel"] == 0.5**3 * 0.1
@@ -117,11 +101,11 @@ def test_regex_multipliers_first_match_wins_and_multiply_layer_decay():
 
 
 def test_lr_multiplier_trains_bit_identically_to_a_group_at_the_multiplied_lr():
-    """state['lr_mult'] = m on a leaf == that leaf in its own group at peak LR m * lr."""
+    """LR multiplier m on a leaf == that leaf in its own group at peak LR m * lr."""
     over = {"optim.schedule": "constant", "optim.weight_decay": 0.1, "optim.warmup_steps": 0}
     c = ft("layer_decay", **over)
     c.unlock()
-    c.freeze.layer_decay.decay = 0.5  # powers of two: m * (lr * d) == (m * lr) * d exactly
+    c.strategy.layer_decay.decay = 0.5  # powers of two: m * (lr * d) == (m * lr) * d exactly
     model, plan, state, batch = tiny(c)
     step = jit_step(model, plan)
     ref_labels = jax.tree_util.tree_map_with_path(
@@ -132,9 +116,8 @@ def test_lr_multiplier_trains_bit_identically_to_a_group_at_the_multiplied_lr():
     schedules = {f"backbone:{s}": optax.constant_schedule(c.optim.lr * v) for s, v in m.items()}
     schedules["head"] = optax.constant_schedule(c.optim.head_lr)
     ref_tx = optim.build(c.optim, ref_labels, schedules)
-    ref_state = {k: v for k, v in state.items() if k != "lr_mult"}
-    ref_state["opt_state"] = ref_tx.init(state["params"])
-    ref_step = jax.jit(train.make_train_step(model, ref_tx, ref_labels))
+    ref_state = {**state, "opt_state": ref_tx.init(state["params"])}
+    ref_step = jax.jit(step_lib.make_train_step(model, ref_tx, ref_labels))
     for _ in range(3):
         state, _ = step(state, batch)
         ref_state, _ = ref_step(ref_state, batch)
@@ -154,7 +137,7 @@ def test_auto_rgn_multipliers_equal_the_formula_on_a_hand_made_tree():
     }
     grads = {"a": f([6, 8]), "b": f([0, 1]), "c": f([1]), "zero": f([5, 5]), "head": f([100])}
     eligible = {"a": True, "b": True, "c": True, "zero": True, "head": False}
-    out = jax.device_get(optim.auto_rgn_multipliers(grads, params, eligible))
+    out = jax.device_get(auto_rgn.multipliers(grads, params, eligible))
     assert out == {"a": 1.0, "b": 0.25, "c": 0.0625, "zero": 1.0, "head": 1.0}
 
 
@@ -189,7 +172,7 @@ def test_batchnorm_mode_changes_exactly_its_statistics_and_affine(mode, stats, a
 
 # -- gradual unfreezing, LP-FT ---------------------------------------------------------------------
 def test_gradual_unfreeze_phases_go_top_down_every_k_steps():
-    c = ft("gradual_unfreeze", **{"freeze.gradual_unfreeze.every_steps": 3})
+    c = ft("gradual_unfreeze", **{"strategy.gradual_unfreeze.every_steps": 3})
     _, plan, _, _ = tiny(c)
     got = [(s.phase.start, s.phase.end, s.frozen_bn) for s in plan.phases]
     assert got == [
@@ -205,7 +188,7 @@ def test_gradual_unfreeze_phases_go_top_down_every_k_steps():
 
 
 def test_newly_unfrozen_leaves_start_with_zero_optimizer_state():
-    c = ft("gradual_unfreeze", **{"freeze.gradual_unfreeze.every_steps": 2})
+    c = ft("gradual_unfreeze", **{"strategy.gradual_unfreeze.every_steps": 2})
     model, plan, state, batch = tiny(c)
     step = jit_step(model, plan)
     for _ in range(2):
@@ -219,7 +202,7 @@ def test_newly_unfrozen_leaves_start_with_zero_optimizer_state():
 
 
 def test_lp_ft_probes_then_finetunes_everything_with_a_fresh_optimizer_at_lr():
-    _, plan, _, _ = tiny(ft("lp_ft", **{"freeze.lp_ft.lp_fraction": 0.25}))
+    _, plan, _, _ = tiny(ft("lp_ft", **{"strategy.lp_ft.lp_fraction": 0.25}))
     lp, ft_ = plan.phases
     assert (lp.phase.start, lp.phase.end, ft_.phase.start, ft_.phase.end) == (0, 2, 2, 8)
     assert set(jax.tree.leaves(lp.labels)) == {"head", freeze.FROZEN}
@@ -233,12 +216,45 @@ def test_l2_sp_penalty_is_its_formula_on_a_hand_made_tree():
     params = {"w": jnp.array([1.0, 2.0]), "new": jnp.array([3.0]), "f": jnp.array([9.0])}
     ref = {"w": jnp.array([0.0, 4.0]), "new": jnp.array([0.0]), "f": jnp.array([0.0])}
     labels = {"w": "backbone", "new": "head", "f": freeze.FROZEN}
-    got = train.l2_sp_penalty(params, ref, labels, alpha=2.0, beta=4.0)
+    got = l2_sp.penalty(params, ref, labels, alpha=2.0, beta=4.0)
     assert float(got) == 2.0 / 2 * (1 + 4) + 4.0 / 2 * 9  # the frozen leaf is not penalised
 
 
+def test_l2_sp_loss_form_adds_the_gradient_of_its_penalty_before_the_optimizer():
+    """The loss form's transforms add exactly d/dw of `l2_sp.penalty` to the gradient."""
+    c = ft("l2_sp", **{"strategy.l2_sp.alpha": 0.5, "strategy.l2_sp.beta": 0.25})
+    c.unlock()
+    c.optim.name, c.optim.momentum, c.optim.schedule = "sgd", 0.0, "constant"
+    c.optim.warmup_steps = 0
+    model, plan, state, batch = tiny(c)
+    labels, params = plan.phases[0].labels, state["params"]
+    w0 = jax.tree.map(np.array, params)
+    moved = jax.tree.map(lambda w: w + 0.01, params)  # away from w0, so the term is not zero
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = plan.phases[0].tx.update(grads, plan.phases[0].tx.init(params), moved)
+    term = jax.grad(lambda p: l2_sp.penalty(p, w0, labels, 0.5, 0.25))(moved)
+    lrs = {"head": -c.optim.head_lr, "backbone": -c.optim.lr}
+    label_of = dict(zip(freeze.leaf_paths(labels), jax.tree.leaves(labels), strict=True))
+    assert set(label_of.values()) == {"backbone", "head"}
+    for path, u in flat(updates).items():
+        lbl = label_of[path]
+        expect = lrs[lbl] * (1.0 + flat(term)[path])  # SGD: -lr * (g + d penalty / dw)
+        np.testing.assert_allclose(u, expect, rtol=1e-5, err_msg=path)
+
+
+def test_auto_rgn_writes_its_multipliers_into_the_optimizer_state():
+    c = ft("auto_rgn", **{"strategy.auto_rgn.batches": 1})
+    model, plan, state, batch = tiny(c)
+    before = transforms.get_multipliers(state["opt_state"])
+    assert before and all(float(m) == 1.0 for t in before for m in jax.tree.leaves(t))
+    mult = jax.tree.map(lambda p: np.float32(0.5), state["params"])
+    after = transforms.get_multipliers(transforms.set_multipliers(state["opt_state"], mult))
+    assert len(after) == len(before)
+    assert all(float(m) == 0.5 for t in after for m in jax.tree.leaves(t))
+
+
 def test_l2_sp_with_huge_alpha_keeps_transferred_weights_within_1e_6_of_w0():
-    c = ft("l2_sp", **{"freeze.l2_sp.alpha": 1e12, "freeze.l2_sp.form": "proximal"})
+    c = ft("l2_sp", **{"strategy.l2_sp.alpha": 1e12, "strategy.l2_sp.form": "proximal"})
     model, plan, state, batch = tiny(c)
     step = jit_step(model, plan)
     w0 = flat(state["params"])
@@ -277,7 +293,7 @@ def finetune(pretrained, workdir, strategy, steps=4, **overrides):
 
 def test_l2_sp_with_zero_alpha_and_beta_is_plain_finetuning_bit_for_bit(pretrained, tmp_path):
     finetune(pretrained, tmp_path / "none", "none", **{"optim.weight_decay": 0.0})
-    zero = {"freeze.l2_sp.alpha": 0.0, "freeze.l2_sp.beta": 0.0}
+    zero = {"strategy.l2_sp.alpha": 0.0, "strategy.l2_sp.beta": 0.0}
     finetune(pretrained, tmp_path / "l2sp", "l2_sp", **zero)
     a = checkpoint.read_variables(str(tmp_path / "none"))
     b = checkpoint.read_variables(str(tmp_path / "l2sp"))
@@ -288,7 +304,7 @@ def test_gradual_unfreeze_keeps_each_stage_bit_identical_until_its_step(
     pretrained, tmp_path, monkeypatch
 ):
     traces = []
-    make = train.make_train_step
+    make = step_lib.make_train_step
 
     def counting(*args, **kwargs):
         fn = make(*args, **kwargs)
@@ -299,8 +315,8 @@ def test_gradual_unfreeze_keeps_each_stage_bit_identical_until_its_step(
 
         return step
 
-    monkeypatch.setattr(train, "make_train_step", counting)
-    over = {"freeze.gradual_unfreeze.every_steps": 1, "checkpoint_every": 1, "max_to_keep": 10}
+    monkeypatch.setattr(step_lib, "make_train_step", counting)
+    over = {"strategy.gradual_unfreeze.every_steps": 1, "checkpoint_every": 1, "max_to_keep": 10}
     # a random head and no warmup: the backbone gets a gradient from the first update on
     over |= {"init_reinit_init": "init", "optim.warmup_steps": 0}
     summary = finetune(pretrained, tmp_path, "gradual_unfreeze", steps=6, **over)
@@ -324,8 +340,8 @@ def test_scratch_ignores_init_from(pretrained, tmp_path):
 
 
 def test_surgical_tunes_one_stage_and_the_new_head():
-    _, plan, _, _ = tiny(ft("surgical", **{"freeze.surgical.stage": "stage2"}))
+    _, plan, _, _ = tiny(ft("surgical", **{"strategy.surgical.stage": "stage2"}))
     trainable = {p.split("/")[0] for p, m in flat(plan.phases[0].mask).items() if not m}
     assert trainable == {"stage2", "head"}
-    _, plan, _, _ = tiny(ft("surgical", **{"freeze.surgical.stage": "head"}))
+    _, plan, _, _ = tiny(ft("surgical", **{"strategy.surgical.stage": "head"}))
     assert {p.split("/")[0] for p, m in flat(plan.phases[0].mask).items() if not m} == {"head"}

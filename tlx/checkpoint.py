@@ -43,12 +43,21 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:  # orbax: "User-provided restore item and on-disk value ..."
+            first = str(e).strip().splitlines()[0][:200]
+            raise InitError(
+                f"cannot resume {self.directory}/{step}: its state does not fit this run's "
+                f"({first}); it was written by another strategy or config, or by a tlx before "
+                "the strategy interface (config v1, state keys lr_mult/l2_sp_ref): resume it "
+                "with the code that wrote it, or start a new workdir"
+            ) from None
         return out["state"], out["data"]
 
     def wait(self) -> None:

@@ -1,12 +1,20 @@
-"""The fields every run has, and the short-arg parser that config files use.
+"""The fields every run has, the short-arg parser that config files use, and the migration of
+configs written by older versions of tlx.
 
 `configs/*.py` start from `base()` and override what their experiment needs; arguments come as
 `configs/finetune.py:backbone=resnet_tiny,target=digits`.
 """
 
+import copy
+
 import ml_collections
 
-from tlx import data, freeze, optim
+from tlx import data, freeze, optim, strategies
+
+# The layout of a resolved config. 1: the strategy and its knobs under `freeze` (before the
+# strategy interface); 2: `strategy.name` and `strategy.<name>` (its knobs), `freeze` holds only
+# patterns and the bn mode, `feature_cache` at the top. `migrate` turns 1 into 2.
+CONFIG_VERSION = 2
 
 
 def base() -> ml_collections.ConfigDict:
@@ -23,8 +31,15 @@ def base() -> ml_collections.ConfigDict:
     c.init_reinit_init = "zeros"  # zeros | init (the model's initialiser)
     c.model = ml_collections.ConfigDict({"name": "resnet_tiny", "stem": ""})
     c.data = data.default_config()
+    # The fine-tuning strategy (tlx.strategies) and its knobs, config.strategy.<name>.<knob>: see
+    # `set_strategy`. Pre-training is strategy 'none' from a random init.
+    c.strategy = ml_collections.ConfigDict({"name": "none"})
     c.freeze = freeze.default_config()
     c.optim = optim.default_config()
+    # A frozen backbone with no augmentation trains its head on backbone features computed once
+    # and cached on disk (tlx.features); False: on images every step.
+    c.feature_cache = True
+    c.config_version = CONFIG_VERSION
     c.log_every = 10
     c.eval_every = 0  # 0: evaluate at the end only
     c.checkpoint_every = 0  # 0: save at the end only
@@ -38,24 +53,84 @@ def base() -> ml_collections.ConfigDict:
 def parse_arg(arg: str | None, defaults: dict) -> dict:
     """'a=1,b=x' -> {'a': 1, 'b': 'x'} over `defaults`, typed like them; unknown keys fail."""
     out = dict(defaults)
-    if not arg:
-        return out
-    for item in arg.split(","):
+    for key, value in _items(arg, defaults).items():
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; known args: {sorted(defaults)}")
+        out[key] = _typed(value, defaults[key], key)
+    return out
+
+
+def _items(arg: str | None, known) -> dict:
+    out = {}
+    for item in (arg or "").split(","):
         if not item:
             continue
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"config arg {item!r} is not KEY=VALUE (args: {sorted(defaults)})")
-        if key not in defaults:
-            raise ValueError(f"unknown config arg {key!r}; known args: {sorted(defaults)}")
-        kind = type(defaults[key])
-        if kind is bool:
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif kind in (int, float):
-            out[key] = kind(value)
-        else:
-            out[key] = value
+            raise ValueError(f"config arg {item!r} is not KEY=VALUE (args: {sorted(known)})")
+        out[key] = value
     return out
+
+
+def _typed(value: str, default, key: str):
+    kind = type(default)
+    if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"config arg {key}={value!r}: use true or false")
+        return value.lower() in ("1", "true", "yes")
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(
+                f"config arg {key}={value!r}: not a{'n int' if kind is int else ' float'}"
+            ) from None
+    return value
+
+
+def parse_strategy_arg(arg: str | None, defaults: dict) -> tuple[dict, dict, set]:
+    """Short args of a config file with a `strategy` arg: (args over `defaults`, the selected
+    strategy's knob values given by name, the names given explicitly). A knob is given by its
+    own name (`strategy=lp_ft,lp_fraction=0.3`); a knob named like one of the file's args is
+    set with --config.strategy.NAME.KNOB."""
+    items = _items(arg, defaults)
+    name = items.get("strategy", defaults["strategy"])
+    knob_defaults = strategies.get(name).knobs
+    unknown = set(items) - set(defaults) - set(knob_defaults)
+    if unknown:
+        knobs = f"; strategy {name!r} knobs: {sorted(knob_defaults)}" if knob_defaults else ""
+        raise ValueError(
+            f"unknown config arg {sorted(unknown)[0]!r}; known args: {sorted(defaults)}{knobs}"
+        )
+    args = parse_arg(",".join(f"{k}={v}" for k, v in items.items() if k in defaults), defaults)
+    knobs = {
+        k: _typed(v, knob_defaults[k], k)
+        for k, v in items.items()
+        if k in knob_defaults and k not in defaults
+    }
+    return args, knobs, set(items)
+
+
+def set_strategy(c, name: str, knobs: dict | None = None, keep=()) -> None:
+    """Select strategy `name` in config `c`: `c.strategy` = {name, NAME: its knobs}, and the config
+    defaults the strategy implies (scratch: its LRs), except for the dotted keys in `keep` (those
+    the user set explicitly). Bad knob values are errors here, before any training."""
+    s = strategies.get(name)
+    block = ml_collections.ConfigDict({"name": name})
+    if s.knobs:
+        block[name] = s.knob_config(knobs)
+    elif knobs:
+        s.knob_config(knobs)  # raises: the strategy has no knobs
+    if s.check is not None:
+        s.check(block[name] if s.knobs else ml_collections.ConfigDict())
+    c.strategy = block
+    for key, value in s.config_defaults.items():
+        if key not in keep:
+            *parents, leaf = key.split(".")
+            node = c
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
 
 
 # Dataset settings the configs share: what augmentation makes sense, and the split of fractal
@@ -93,6 +168,47 @@ def load_module(path: str, kind: str = "config"):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+# -- configs written by older versions ----------------------------------------------------------
+_V1_BLOCKS = ("surgical", "gradual_unfreeze", "lp_ft", "layer_decay", "l2_sp", "auto_rgn")
+
+
+def migrate(tree: dict) -> dict:
+    """A resolved config as a dict (a run's config.json) in today's layout (CONFIG_VERSION):
+
+    1 -> 2: `freeze.strategy` -> `strategy.name`; the selected strategy's knob block
+    (`freeze.l2_sp`, ...; `freeze.stages` for freeze_stages) -> `strategy.<name>`, the others
+    dropped (they did nothing); `freeze.freeze_bn_stats=False` -> the bn mode that trains
+    statistics (what it meant); `freeze.feature_cache` -> `feature_cache`. Then every field added
+    since, at its default (each default does what the older version did)."""
+    tree = copy.deepcopy(tree)
+    if tree.get("config_version", 1) >= CONFIG_VERSION:
+        return tree
+    f = tree.setdefault("freeze", {})
+    name = f.pop("strategy", "none")
+    stages = f.pop("stages", 0)
+    if not f.pop("freeze_bn_stats", True):
+        f["bn"] = {"frozen": "train_stats", "train_affine": "train"}.get(f.get("bn"), f.get("bn"))
+    tree["feature_cache"] = f.pop("feature_cache", True)
+    blocks = {k: f.pop(k) for k in _V1_BLOCKS if k in f}
+    strategy = {"name": name}
+    if name == "freeze_stages":
+        strategy[name] = {"stages": stages}
+    elif name in blocks:
+        strategy[name] = blocks[name]
+    tree["strategy"] = strategy
+    _fill(tree, base().to_dict())
+    tree["config_version"] = CONFIG_VERSION
+    return tree
+
+
+def _fill(tree: dict, defaults: dict) -> None:
+    for k, v in defaults.items():
+        if k not in tree:
+            tree[k] = copy.deepcopy(v)
+        elif isinstance(v, dict) and isinstance(tree[k], dict):
+            _fill(tree[k], v)
 
 
 def load(spec: str, **overrides) -> ml_collections.ConfigDict:

@@ -1,26 +1,34 @@
-"""The feature-cached linear probe: when a run freezes the whole backbone (its BatchNorm
-statistics too) and augments nothing, every epoch would recompute the same backbone features, so
-compute them once, cache them on disk, and train the head on them.
+"""The feature cache as data: when a run freezes the whole backbone (its BatchNorm statistics
+too) and augments nothing, every epoch would recompute the same backbone features, so compute
+them once, cache them on disk, and train the head on them. The dataset becomes a features dataset
+and the model becomes its head; the same generic train step trains it.
 
 The cache key is a hash of the backbone's variables (the checkpoint, as loaded) x the dataset and
 its preprocessing (`config.data` without augmentation) x the model; change any and it recomputes.
 Batches come in the order the image path would see them, so the head trains on the same data.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
+import zipfile
+from collections.abc import Iterator
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tlx import freeze
+from tlx.data import pipeline
 
 SPLITS = ("train", "val", "test")
 
@@ -37,157 +45,173 @@ def backbone_features(model, variables, images):
         return model.apply(variables, images, train=False)
 
 
-def plan_cache(config, plan, dataset, model):
-    """A `FeatureCache` when the run can train on cached features, else None: one phase, every
-    backbone leaf and BatchNorm statistic frozen, a trainable Dense head, no augmentation, no
-    per-leaf multipliers or regulariser, and `config.freeze.feature_cache` on."""
-    if not config.freeze.feature_cache or len(plan.phases) != 1:
-        return None
-    if plan.uses_lr_mult or plan.l2_sp or dataset.crop_padding or dataset.flip:
-        return None
+class FeatureHead(nn.Module):
+    """A backbone's Dense `head` alone, on its features: the model of a cached run. Its
+    parameter tree is the backbone's `head` subtree; the other (frozen) leaves ride along."""
+
+    num_classes: int
+    frozen_bn: tuple = ()  # no BatchNorm here: accepted so a plan can clone it like a backbone
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        return nn.Dense(self.num_classes, name="head")(x).astype(jnp.float32)
+
+
+def applies(config, plan, dataset) -> bool:
+    """Whether the run can train on cached features: one phase, every backbone leaf and BatchNorm
+    statistic frozen, a trainable Dense head, no augmentation, nothing a strategy adds to the step
+    (multipliers, transforms, loss terms, hooks), and `config.feature_cache` on."""
+    s = plan.strategy
+    if not config.feature_cache or len(plan.phases) != 1:
+        return False
+    if plan.lr_mult is not None or s.wrap or s.loss or s.hook:
+        return False
+    if getattr(dataset, "crop_padding", 0) or getattr(dataset, "flip", False):
+        return False
+    if getattr(dataset, "augments", False):  # a pipeline that augments otherwise
+        return False
     setup = plan.phases[0]
     if set(setup.mask) - {"head"} != set(setup.frozen_bn):  # a stage whose statistics train
-        return None
+        return False
     for name, sub in setup.mask.items():
         leaves = jax.tree.leaves(sub)
         if (name == "head") == any(leaves) or (name != "head" and not all(leaves)):
-            return None
-    if set(setup.mask["head"]) != {"kernel", "bias"}:
+            return False
+    return set(setup.mask["head"]) == {"kernel", "bias"}
+
+
+def cache_key(config, params, batch_stats) -> str:
+    h = hashlib.sha256()
+    backbone = {"params": {k: v for k, v in params.items() if k != "head"}, "bs": batch_stats}
+    for p, x in jax.tree_util.tree_leaves_with_path(backbone):
+        x = np.asarray(x)
+        h.update(f"{freeze.path_str(p)}:{x.dtype}:{x.shape}".encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    d = config.data.to_dict()
+    d.pop("augment"), d.pop("data_dir")
+    h.update(json.dumps([d, config.model.to_dict()], sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def cached(config, dataset, model, variables, batch_size: int):
+    """(features dataset, head model, description) for a run that `applies`: the features of
+    every split from the cache, or computed with `model` and stored."""
+    params, batch_stats = jax.device_get((variables["params"], variables["batch_stats"]))
+    key = cache_key(config, params, batch_stats)
+    path = os.path.join(dataset.data_dir, "tlx_features", f"{key}.npz")
+    info = {"key": key, "path": path, "hit": False, "extract_s": 0.0}
+    arrays = _read(path)
+    if arrays is not None:
+        info["hit"] = True
+    else:
+        t = time.time()
+        fn = jax.jit(lambda v, x: backbone_features(model, v, x))
+        v = {"params": params, "batch_stats": batch_stats}
+        arrays = {}
+        for split in SPLITS:
+            xs, ys = [], []
+            for batch in dataset.eval_batches(split, batch_size):
+                real = batch["mask"] > 0
+                xs.append(np.asarray(fn(v, batch["image"]))[real])
+                ys.append(np.asarray(batch["label"])[real])
+            arrays[split], arrays[f"{split}_label"] = np.concatenate(xs), np.concatenate(ys)
+        info["extract_s"] = time.time() - t
+        _write(path, arrays)
+    features = FeatureDataset(
+        name=f"{dataset.name}:features",
+        num_classes=dataset.num_classes,
+        features={s: arrays[s] for s in SPLITS},
+        labels={s: arrays[f"{s}_label"].astype(np.int32) for s in SPLITS},
+        data_dir=dataset.data_dir,
+        source=dataset.describe(),
+    )
+    head = FeatureHead(dataset.num_classes)
+    return features, head, info
+
+
+def _read(path: str) -> dict | None:
+    """The cached arrays, or None when there are none; a corrupt file is named and rebuilt."""
+    if not os.path.exists(path):
         return None
-    return FeatureCache(config, model)
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        if set(arrays) == {*SPLITS, *(f"{s}_label" for s in SPLITS)}:
+            return arrays
+        problem = f"holds {sorted(arrays)}"
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        problem = f"is unreadable ({type(e).__name__}: {e})"
+    logging.warning("feature cache %s %s: recomputing it", path, problem)
+    return None
+
+
+def _write(path: str, arrays: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
 
 
 @dataclasses.dataclass
-class FeatureCache:
-    config: object
-    model: object
-    features: dict = dataclasses.field(default_factory=dict, repr=False)
-    labels: dict = dataclasses.field(default_factory=dict, repr=False)
-    key: str = ""
-    path: str = ""
-    hit: bool = False
-    extract_s: float = 0.0
+class FeatureDataset:
+    """Backbone features of every split in memory, with the iterators of `tlx.data.Dataset`:
+    batches {'image': f32 [B, D] features, 'label'}, in the order the image dataset's
+    `train_iter(batch_size, seed)` yields its images."""
 
-    def cache_key(self, params, batch_stats) -> str:
-        h = hashlib.sha256()
-        backbone = {"params": {k: v for k, v in params.items() if k != "head"}, "bs": batch_stats}
-        for p, x in jax.tree_util.tree_leaves_with_path(backbone):
-            x = np.asarray(x)
-            h.update(f"{freeze.path_str(p)}:{x.dtype}:{x.shape}".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
-        d = self.config.data.to_dict()
-        d.pop("augment"), d.pop("data_dir")
-        h.update(json.dumps([d, self.config.model.to_dict()], sort_keys=True).encode())
-        return h.hexdigest()[:32]
+    name: str
+    num_classes: int
+    features: dict = dataclasses.field(repr=False)
+    labels: dict = dataclasses.field(repr=False)
+    data_dir: str = ""
+    source: dict = dataclasses.field(default_factory=dict)
 
-    def load(self, state, dataset, batch_size: int) -> None:
-        """Read the features of every split from the cache, or compute and store them."""
-        params, batch_stats = jax.device_get((state["params"], state["batch_stats"]))
-        self.key = self.cache_key(params, batch_stats)
-        self.path = os.path.join(dataset.data_dir, "tlx_features", f"{self.key}.npz")
-        self.labels = {s: dataset.labels[s] for s in SPLITS}
-        if os.path.exists(self.path):
-            with np.load(self.path) as f:
-                self.features = {s: f[s] for s in SPLITS}
-            self.hit = True
-            return
-        t = time.time()
-        variables = {"params": params, "batch_stats": batch_stats}
-        fn = jax.jit(lambda v, x: backbone_features(self.model, v, x))
-        for split in SPLITS:
-            chunks = []
-            for batch in dataset.eval_batches(split, batch_size):
-                out = np.asarray(fn(variables, batch["image"]))
-                chunks.append(out[batch["mask"] > 0])
-            self.features[split] = np.concatenate(chunks)
-        self.extract_s = time.time() - t
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **self.features)
-        os.replace(tmp, self.path)  # atomic: a concurrent reader sees all or nothing
+    @property
+    def num_examples(self) -> dict:
+        return {s: len(y) for s, y in self.labels.items()}
+
+    @property
+    def image_shape(self) -> tuple:
+        return self.features["train"].shape[1:]
 
     def describe(self) -> dict:
-        return {"key": self.key, "path": self.path, "hit": self.hit, "extract_s": self.extract_s}
+        return {**self.source, "features": list(self.image_shape)}
 
-    def train_iter(self, dataset, batch_size: int, seed: int):
-        """Feature batches in exactly the order `dataset.train_iter(batch_size, seed)` yields
-        images: that iterator runs over an 'image' that is each example's index."""
-        n = dataset.num_examples["train"]
-        index_images = np.arange(n, dtype=np.int32).reshape(n, 1, 1, 1)
-        index_ds = dataclasses.replace(
-            dataset,
-            images={"train": index_images},
-            normalize="unit",
-            crop_padding=0,
-            flip=False,
+    def train_iter(self, batch_size: int, seed: int, *, process_index=0, process_count=1):
+        n = self.num_examples["train"]
+        if not 0 < batch_size <= n:
+            raise ValueError(
+                f"batch_size={batch_size} needs 1..{n} (train examples of {self.name})"
+            )
+        # The image pipeline's shuffle (tlx.data.pipeline: the same seed derivation and order).
+        shuffle_seed, _ = np.random.SeedSequence([seed, 0x71C]).generate_state(2)
+        local = batch_size // process_count
+        rows = slice(process_index * local, (process_index + 1) * local)
+        ds = (
+            grain.MapDataset.range(n // batch_size)
+            .repeat()
+            .map_with_index(
+                functools.partial(
+                    pipeline._batch_indices, n=n, batch_size=batch_size, seed=int(shuffle_seed)
+                )
+            )
+            .map(lambda idx: self._batch(idx[rows]))
         )
-        return _FeatureIter(index_ds.train_iter(batch_size, seed=seed), self.features["train"])
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
 
-    def evaluate(self, runner, params, split: str, batch_size: int) -> dict:
-        del runner, batch_size  # the whole split's features are one small array
-        head = jax.device_get(params["head"])
-        logits = _head_apply(head, jnp.asarray(self.features[split]))
-        y = self.labels[split]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        correct = np.asarray(jnp.argmax(logits, -1)) == y
-        n = max(len(y), 1)
-        return {
-            "accuracy": float(correct.sum()) / n,
-            "loss": float(np.asarray(loss).sum()) / n,
-            "examples": len(y),
-        }
+    def _batch(self, idx) -> dict:
+        return {"image": self.features["train"][idx], "label": self.labels["train"][idx]}
 
-
-class _FeatureIter:
-    """{'image': ..., 'label'} batches of example indices -> {'feature', 'label'} batches."""
-
-    def __init__(self, index_iter, features):
-        self.it, self.features = index_iter, features
-
-    def __next__(self) -> dict:
-        b = next(self.it)
-        index = np.rint((b["image"][:, 0, 0, 0] + 1.0) * 127.5).astype(np.int64)
-        return {"feature": self.features[index], "label": b["label"]}
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-
-@jax.jit
-def _head_apply(head, x):
-    return nn.Dense(head["kernel"].shape[-1]).apply({"params": head}, x).astype(jnp.float32)
-
-
-def make_head_step(tx, labels, label_smoothing: float = 0.0, axis_name=None):
-    """The train step of the image path for a frozen backbone, on features: only the head's
-    gradient is computed; the backbone leaves (all 'frozen') are carried over untouched."""
-    from tlx import train
-
-    def step(state, batch):
-        params = state["params"]
-
-        def loss_fn(head):
-            logits = _head_apply(head, batch["feature"])
-            return train.cross_entropy(logits, batch["label"], label_smoothing), logits
-
-        (loss, logits), g_head = jax.value_and_grad(loss_fn, has_aux=True)(params["head"])
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        if axis_name:
-            g_head = jax.lax.pmean(g_head, axis_name)
-            loss, accuracy = jax.lax.pmean((loss, accuracy), axis_name)
-        grads = {**jax.tree.map(jnp.zeros_like, params), "head": g_head}
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {
-            **state,
-            "params": train.apply_updates(params, updates, labels),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(g_head)}
-        return new_state, metrics
-
-    return step
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[dict]:
+        x, y = self.features[split], self.labels[split]
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            real = len(yb)
+            mask = np.zeros(batch_size, np.float32)
+            mask[:real] = 1.0
+            if real < batch_size:
+                xb = np.concatenate([xb, np.zeros((batch_size - real, *xb.shape[1:]), xb.dtype)])
+                yb = np.concatenate([yb, np.zeros(batch_size - real, yb.dtype)])
+            yield {"image": xb, "label": yb, "mask": mask}

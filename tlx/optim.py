@@ -3,22 +3,15 @@
 Each leaf gets a group label: `frozen` (updates set to zero, no optimizer state), `head` (the
 newly initialised leaves of a fine-tuning run, with their own larger LR) or `backbone`; a leaf
 first unfrozen in a later phase of the run gets a group of its own (`backbone:p2`), so that it
-starts with zero optimizer state while the others carry theirs on. Clipping and weight decay live
-inside each trainable branch, so they never touch frozen leaves.
-
-Per-leaf LR multipliers (layer decay, regex multipliers, Auto-RGN) are not more groups: they are one
-f32 scalar per leaf that the train step multiplies into the branch's update (`state['lr_mult']`).
-Since every update here is `-lr * direction` (SGD, momentum, Adam, AdamW with its decoupled decay),
-`m * update` is exactly the update at LR `m * lr`, with decay scaled alike (as timm's `lr_scale`).
-One mechanism then serves static multipliers and Auto-RGN's, which change every epoch: as data in
-the state they change with no recompilation and no group per tensor, and they are checkpointed.
+starts with zero optimizer state while the others carry theirs on. Clipping, weight decay, LR
+multipliers and whatever a strategy adds live inside each trainable branch, so they never touch
+frozen leaves.
 """
 
 import math
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -116,15 +109,21 @@ def _base(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
     raise ValueError(f"unknown optim.name {cfg.name!r}; use 'adamw' or 'sgd'")
 
 
-def build(cfg, labels, schedules: dict) -> optax.GradientTransformation:
+def base_branch(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """A trainable branch before anything is added to it: clip (if optim.clip_norm), then the
+    base optimizer at `schedule`."""
+    base = _base(cfg, schedule)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base) if cfg.clip_norm else base
+
+
+def build(cfg, labels, schedules: dict, branch=None) -> optax.GradientTransformation:
     """One multi_transform: set_to_zero for 'frozen', the base optimizer at `schedules[label]`
-    (a function of the branch's own step count) for each trainable label."""
+    (a function of the branch's own step count) for each trainable label; `branch(label, tx)`,
+    when given, returns what that branch runs instead (multipliers, a strategy's transforms)."""
     transforms = {freeze.FROZEN: optax.set_to_zero()}
     for group in sorted(set(jax.tree.leaves(labels)) - {freeze.FROZEN}):
-        base = _base(cfg, schedules[group])
-        transforms[group] = (
-            optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base) if cfg.clip_norm else base
-        )
+        tx = base_branch(cfg, schedules[group])
+        transforms[group] = branch(group, tx) if branch else tx
     return optax.multi_transform(transforms, labels)
 
 
@@ -148,18 +147,6 @@ def carry_state(new_state, old_state):
 
 
 # -- per-leaf LR multipliers ---------------------------------------------------------------------
-def layer_decay_multipliers(params, decay: float) -> dict:
-    """decay**k for a leaf of the backbone stage k stages below the top one; 1 for the head.
-
-    ULMFiT's discriminative fine-tuning (lr_{l-1} = lr_l / 2.6) with decay=1/2.6, timm's
-    `layer_decay` by stage: the top stage trains at optim.lr, the head at its own head_lr."""
-    stages = freeze.stage_names(params)[:-1]
-    depth = {s: len(stages) - 1 - i for i, s in enumerate(stages)}
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: decay ** depth.get(freeze.path_str(p).split("/")[0], 0), params
-    )
-
-
 def regex_multipliers(params, lr_mults) -> dict:
     """The multiplier of the first (regex, multiplier) pair whose regex matches a leaf's path, 1
     where none does. A regex that matches nothing, or a multiplier <= 0, is an error."""
@@ -176,28 +163,6 @@ def regex_multipliers(params, lr_mults) -> dict:
         return next((m for r, m in pairs if re.search(r, s)), 1.0)
 
     return jax.tree_util.tree_map_with_path(mult, params)
-
-
-def auto_rgn_multipliers(grads, params, eligible) -> dict:
-    """Auto-RGN (Lee et al. 2023): m_i = (||g_i|| / ||w_i||) / max_j (||g_j|| / ||w_j||) over the
-    eligible tensors (a tree of bools); 1 for the others and for eligible tensors with ||w|| = 0
-    (a zero-initialised tensor has no relative gradient norm)."""
-    flat_e = jax.tree.leaves(eligible)
-    ratios = []
-    for g, w, e in zip(jax.tree.leaves(grads), jax.tree.leaves(params), flat_e, strict=True):
-        if e:
-            wn = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32))))
-            gn = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
-            ratios.append((wn > 0, jnp.where(wn > 0, gn / jnp.where(wn > 0, wn, 1.0), 0.0)))
-        else:
-            ratios.append(None)
-    top = jnp.max(jnp.stack([r for _, r in filter(None, ratios)] or [jnp.float32(1.0)]))
-    top = jnp.where(top > 0, top, 1.0)
-    out = [
-        jnp.float32(1.0) if r is None else jnp.where(ok, r / top, 1.0).astype(jnp.float32)
-        for r, ok in ((x[1], x[0]) if x else (None, None) for x in ratios)
-    ]
-    return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
 def is_trivial(mults) -> bool:

@@ -20,20 +20,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tlx.strategies import presets
+
 FIRST_FIGURE = "test_accuracy"
 SEED = "seed"
 # Strategies whose frozen part is a fixed number of stages (the x axis of the frozen-stage plot).
 FREEZE_PRESETS = ("none", "freeze_early", "freeze_most", "linear_probe", "freeze_stages")
 BASELINES = ("scratch",)  # reported, but not candidates for a condition's winner
 TEXT = ("run", "cell")  # never numbers: a run hash such as '1234e5678901' would parse as inf
-# The seed's rule (DESIGN.md): the strategy it prescribes for each (size, similarity) quadrant.
-# "Freeze all conv layers" = linear_probe; "freeze some (early) layers" = freeze_early.
-SEED_TABLE = {
-    ("large", "similar"): "freeze_most",
-    ("large", "different"): "none",
-    ("small", "similar"): "linear_probe",
-    ("small", "different"): "freeze_early",
-}
+# The seed's rule (DESIGN.md), defined once in tlx.strategies.presets: the strategy it
+# prescribes for each (size, similarity) quadrant.
+SEED_TABLE = presets.SEED_TABLE
 MEANS_OF = (
     "train_accuracy",
     "val_accuracy",

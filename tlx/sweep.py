@@ -107,7 +107,12 @@ def load_study(spec: str) -> list[dict]:
     module = tlx_config.load_module(path, "study")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} declares no get_sweep(arg): it is a run config, not a study")
-    cells = [dict(c) for c in module.get_sweep(arg or None)]
+    return check_cells(module.get_sweep(arg or None), spec)
+
+
+def check_cells(cells, spec: str = "the study") -> list[dict]:
+    """Cells (dicts, see the module docstring) checked: unique names, known keys, references."""
+    cells = [dict(c) for c in cells]
     names = [c["name"] for c in cells if "name" in c]
     if len(names) != len(set(names)):
         raise ValueError(f"cell names repeat in {spec}: {sorted(names)}")
@@ -136,7 +141,12 @@ def resolve(cell: dict, point: dict, init_run: str | None):
 
 
 def config_hash(config) -> str:
-    tree = config.to_dict()
+    """The hash of a resolved config (a ConfigDict, or a dict such as a run's config.json), over
+    its JSON form (tuples as lists), without the HASH_IGNORE keys."""
+    if isinstance(config, dict):
+        tree = json.loads(json.dumps(config, default=str))
+    else:
+        tree = json.loads(config.to_json_best_effort())
     for key in HASH_IGNORE:
         *parents, leaf = key.split(".")
         node = tree
@@ -145,6 +155,50 @@ def config_hash(config) -> str:
         node.pop(leaf, None)
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def migrate_runs(runs_dir: str, log=print) -> dict[str, str]:
+    """Run directories written under an older config layout (`tlx.config.migrate`), renamed to the
+    hash their config has today, so the sweep reads them instead of training them again:
+    {old hash: new hash}. Parents (runs that others start from) go first, since a child's hash
+    names its parent's. The old config.json is kept as config.v1.json."""
+    from tlx import config as tlx_config
+
+    configs = {}
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        c = _read_json(os.path.join(runs_dir, name, "config.json"))
+        if c is not None and c.get("config_version", 1) < tlx_config.CONFIG_VERSION:
+            configs[name] = c
+    renamed: dict[str, str] = {}
+
+    def visit(name: str) -> str:
+        if name in renamed:
+            return renamed[name]
+        tree = tlx_config.migrate(configs[name])
+        parent = os.path.basename(str(tree.get("init_from", "")).rstrip("/"))
+        hashed = dict(tree)
+        if parent in configs or parent in renamed:
+            new_parent = visit(parent)
+            hashed["init_from"] = f"sweep:{new_parent}"
+            tree["init_from"] = os.path.join(runs_dir, new_parent)
+        new = config_hash(hashed)
+        src, dst = os.path.join(runs_dir, name), os.path.join(runs_dir, new)
+        renamed[name] = new
+        if new != name:
+            if os.path.exists(dst):
+                log(f"[sweep] {name}: migrates to {new}, which exists already; left as it is")
+                return new
+            os.rename(src, dst)  # first: a kill after it leaves a v1 config that migrates again
+        os.replace(os.path.join(dst, "config.json"), os.path.join(dst, "config.v1.json"))
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(tree, f, indent=1)
+        return new
+
+    for name in list(configs):
+        visit(name)
+    if renamed:
+        log(f"[sweep] migrated {len(renamed)} run(s) written with config v1 to today's hashes")
+    return renamed
 
 
 def read_summary(run_dir: str) -> dict | None:
@@ -217,12 +271,17 @@ class _Inline(cf.Executor):
 
 
 # -- the sweep -------------------------------------------------------------------------------------
-def run_sweep(spec: str, workdir: str, parallel: int = 1, log=print) -> list[dict]:
-    """Run (or finish) the study `spec` in `workdir`; returns the rows of results.csv."""
-    cells = load_study(spec)
+def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
+    """Run (or finish) the study `spec` in `workdir`; returns the rows of results.csv. `spec`: a
+    study file spec ('configs/quadrants.py:tiny') or a list of cells (e.g. from a notebook)."""
+    cells = load_study(spec) if isinstance(spec, str) else check_cells(spec)
+    spec = spec if isinstance(spec, str) else f"{len(cells)} cells"
     workdir = os.path.abspath(workdir)
     runs_dir = os.path.join(workdir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
+    with open(os.path.join(workdir, ".migrate.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several sweeps on one directory: one migrates
+        migrate_runs(runs_dir, log)
     position = {c["name"]: i for i, c in enumerate(cells) if "name" in c}
     trials: dict[int, list[tuple[dict, str]]] = {}  # cell -> [(grid point, run hash)]
     chosen: dict[int, dict] = {}  # cell -> {'run', 'point', 'summary', 'trials'}

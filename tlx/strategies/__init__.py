@@ -1,0 +1,45 @@
+"""Fine-tuning strategies, one module each, registered by name, and the plan that turns the
+selected one into a run's phases, optimizer and train step.
+
+    from tlx import strategies
+    strategies.register(strategies.Strategy("bitfit", frozen=lambda ctx: [r"^(?!head/).*kernel$"]))
+    # then configs/finetune.py:strategy=bitfit
+
+`Strategy` (base.py) says what a strategy may contribute; `plan` (plan.py) is generic.
+"""
+
+from tlx.strategies import (  # noqa: F401 - each module registers its strategies
+    auto_rgn,
+    gradual_unfreeze,
+    l2_sp,
+    layer_decay,
+    lp_ft,
+    presets,
+    scratch,
+    surgical,
+)
+from tlx.strategies.base import REGISTRY, Branch, Context, Strategy, get, knobs_of, register
+from tlx.strategies.plan import PhaseSetup, Plan, StepInfo, plan
+from tlx.strategies.presets import SEED_TABLE, seed_prescription
+
+__all__ = [
+    "REGISTRY",
+    "SEED_TABLE",
+    "Branch",
+    "Context",
+    "Plan",
+    "PhaseSetup",
+    "StepInfo",
+    "Strategy",
+    "get",
+    "knobs_of",
+    "names",
+    "plan",
+    "register",
+    "seed_prescription",
+]
+
+
+def names() -> list[str]:
+    """The registered strategies, in registration order (built-in ones first)."""
+    return list(REGISTRY)
