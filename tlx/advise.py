@@ -213,8 +213,6 @@ def advise(
 ) -> dict:
     """The advice for the fine-tuning `config` (its model, init_from and data blocks)."""
     t0 = time.time()
-    model, variables = load_backbone(config)
-    stages = stage_names(variables)
     dataset = tlx_data.load(config.data)
     labels = np.asarray(dataset.labels["train"])
     counts = np.bincount(labels, minlength=dataset.num_classes)
@@ -223,6 +221,8 @@ def advise(
             f"target {dataset.name!r} has {counts.min()} training examples in a class, fewer "
             f"than folds={folds}: pass --folds={max(2, int(counts.min()))} or more examples"
         )
+    model, variables = load_backbone(config)
+    stages = stage_names(variables)
     cache_dir = cache_dir or os.path.join(dataset.data_dir, "tlx_advise")
     t1 = time.time()
     feats, labels, cache = train_features(
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
             a.init_from, a.backbone, a.target, a.examples_per_class, a.args, a.config
         )
         advice = advise(config, a.folds, a.seed, a.batch_size, a.cache_dir)
-    except (probe.TooFewExamplesError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # TooFewExamplesError is a ValueError
         print(f"tlx.advise: error: {e}", file=sys.stderr)
         return 2
     print(format_table(advice))
