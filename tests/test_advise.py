@@ -17,6 +17,7 @@ from sklearn.linear_model import Ridge
 from tlx import advise, checkpoint, fewshot, models, probe
 from tlx import config as tlx_config
 from tlx import data as tlx_data
+from tlx.features import backbone_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FRACTALS = {
@@ -280,7 +281,7 @@ def test_fewshot_evaluator_gives_the_ridge_probe_accuracy_on_val(pretrained):
 
     def feats(d):
         batch = next(d.eval_batches("val", d.num_examples["val"] if d is ds else len(index)))
-        return np.asarray(fewshot.head_input(model, variables, batch["image"]))
+        return np.asarray(backbone_features(model, variables, batch["image"]))
 
     x, y = feats(shots), ds.labels["train"][index]
     l2 = probe.cross_validate_ridge(x, y, 10, folds=3).l2

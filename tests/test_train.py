@@ -127,3 +127,13 @@ def test_cli_rejects_an_unknown_config_key(tmp_path):
 def test_config_rejects_an_unknown_arg():
     with pytest.raises(ValueError, match="unknown config arg 'stratgy'.*strategy"):
         cfg("configs/finetune.py:stratgy=none")
+
+
+def test_pretraining_logs_fewshot_probes_every_n_steps(tmp_path):
+    over = {"fewshot.every": 2, "fewshot.targets": ["digits"], "fewshot.shots": [3]}
+    c = cfg("configs/pretrain.py:steps=4,batch_size=16,image_size=16", **SMALL_FRACTALS, **over)
+    train.run(c, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    probes = [r for r in records if r.get("split") == "fewshot"]
+    assert [r["step"] for r in probes] == [2, 4]
+    assert all(0.0 <= r["digits_3shot"] <= 1.0 for r in probes)

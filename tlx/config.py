@@ -9,7 +9,7 @@ import copy
 
 import ml_collections
 
-from tlx import data, freeze, optim, strategies
+from tlx import data, fewshot, freeze, optim, strategies
 
 # The layout of a resolved config. 1: the strategy and its knobs under `freeze` (before the
 # strategy interface); 2: `strategy.name` and `strategy.<name>` (its knobs), `freeze` holds only
@@ -39,6 +39,8 @@ def base() -> ml_collections.ConfigDict:
     # A frozen backbone with no augmentation trains its head on backbone features computed once
     # and cached on disk (tlx.features); False: on images every step.
     c.feature_cache = True
+    # Few-shot ridge probes of the backbone on other targets every `fewshot.every` steps (off: 0).
+    c.fewshot = fewshot.default_config()
     c.config_version = CONFIG_VERSION
     c.log_every = 10
     c.eval_every = 0  # 0: evaluate at the end only

@@ -14,13 +14,13 @@ steps measures the backbone, not the sample. Features: the head's input, in eval
 import dataclasses
 import time
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from tlx import data as tlx_data
 from tlx import probe
+from tlx.features import backbone_features
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,18 +35,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.l2 = 1.0
     c.batch_size = 256
     return c
-
-
-def head_input(model, variables, images):
-    """The input of `model`'s top-level `head` (its pooled features), in eval mode."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and context.module.path == ("head",):
-            return args[0]
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        return model.apply(variables, images, train=False)
 
 
 def kshot_indices(labels, shots: int, seed: int) -> np.ndarray:
@@ -92,7 +80,7 @@ def make_fewshot_evaluator(config, model):
             for s in range(int(fc.seeds))
         }
         targets[name] = (ds, draws)
-    features = jax.jit(lambda v, x: head_input(model, v, x))
+    features = jax.jit(lambda v, x: backbone_features(model, v, x))
 
     def extract(variables, ds, split, index=None):
         if index is not None:  # the same preprocessing, on a subset of the split

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from tlx import checkpoint, data, features, freeze, models, strategies
+from tlx import checkpoint, data, features, fewshot, freeze, models, strategies
 from tlx import step as step_lib
 from tlx.parallel import Runner
 
@@ -69,6 +69,10 @@ def run(config, workdir: str) -> dict:
     if resumed_from is not None:
         state, data_state = ckpt.restore(resumed_from, jax.tree.map(_abstract, state))
 
+    probe = None  # few-shot probes on other targets while the backbone trains
+    if config.fewshot.every and config.fewshot.targets:
+        probe = fewshot.make_fewshot_evaluator(config, model)
+
     # -- the feature cache: a frozen backbone with no augmentation trains its head on features --
     cache = None
     if features.applies(config, plan, dataset):
@@ -118,6 +122,15 @@ def run(config, workdir: str) -> dict:
                 record["lr" if g == "backbone" else f"lr_{g}"] = float(lr(step - 1))
             log.write(record)
             bar.set_postfix(loss=f"{m['loss']:.3f}")
+        if probe is not None and step % config.fewshot.every == 0:
+            host = runner.get_state(state)
+            log.write(
+                {
+                    "step": step,
+                    "split": "fewshot",
+                    **probe(step, host["params"], host["batch_stats"]),
+                }
+            )
         if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
             _evaluate(eval_step, runner, state, dataset, ("val",), eval_batch_size, step, log)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
