@@ -23,7 +23,8 @@ def get_config(arg=None):
     c = tlx_config.base()
     c.seed = a["seed"]
     c.model.name = a["backbone"]
-    c.model.stem = "cifar" if a["image_size"] < 100 else "imagenet"
+    if a["backbone"].startswith("resnet"):  # the stem option is ResNet-only
+        c.model.stem = "cifar" if a["image_size"] < 100 else "imagenet"
     tlx_config.set_dataset(c.data, a["source"], "source", a["classes"])
     c.data.image_size = a["image_size"]
     c.total_steps = a["steps"]
