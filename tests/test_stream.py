@@ -309,9 +309,11 @@ def test_a_corrupt_record_is_named(tmp_path):
 FDB = dict(num_classes=3, train_per_class=30, test_per_class=5, resolution=32, workers=1)
 
 
-def test_fractaldb_builds_deterministically_and_streams(tmp_path):
+def test_fractaldb_builds_deterministically_and_streams(tmp_path, monkeypatch):
     a = fractaldb.prepare(str(tmp_path / "a"), **FDB)
+    monkeypatch.setattr(fractaldb, "_IMAGES_PER_SHARD", 30)
     b = fractaldb.prepare(str(tmp_path / "b"), **dict(FDB, workers=2))  # two render processes
+    assert len(list(epath.Path(b.data_dir).glob("fractaldb-train.array_record-*-of-00003"))) == 3
     for split, n in (("train", 90), ("test", 15)):
         xa = a.as_data_source(split).__getitems__(range(n))
         xb = b.as_data_source(split).__getitems__(range(n))

@@ -47,6 +47,7 @@ _BURN_IN = 10
 _PATCH_FROM = 96  # resolution from which points are stamped as 3x3 patches
 _SPLIT_IDS = {"train": 1, "test": 2}
 _TASK_IMAGES = 50  # images rendered per task of the worker pool
+_IMAGES_PER_SHARD = 10_000  # train images per array_record shard (1M: 100 shards)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,7 +317,13 @@ class FractalDB(PackagedBuilder):
 def prepare(data_dir: str, **params) -> tfds.core.DatasetBuilder:
     """The built `FractalDB` for ``params`` (the fields of ``config.data.fractaldb``)."""
     config = make_config(**params)
-    download = tfds.download.DownloadConfig(
-        try_download_gcs=False, min_shard_size=4 * 2**20, max_shard_size=128 * 2**20
+    # tfds 4.9.10 reads min/max_shard_size from the class, not the DownloadConfig (its
+    # `calculate_number_shards` is a classmethod): only `num_shards` takes effect. It applies to
+    # both splits, so it is capped by the test split's size.
+    train, test = (
+        config.num_classes * config.train_per_class,
+        config.num_classes * config.test_per_class,
     )
+    shards = max(1, min(train // _IMAGES_PER_SHARD, test))
+    download = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=shards)
     return builders.prepare(FractalDB, data_dir, config, download_config=download)
