@@ -10,6 +10,7 @@ import copy
 import ml_collections
 
 from tlx import data, fewshot, freeze, optim, strategies
+from tlx.data import roles
 
 # The layout of a resolved config. 1: the strategy and its knobs under `freeze` (before the
 # strategy interface); 2: `strategy.name` and `strategy.<name>` (its knobs), `freeze` holds only
@@ -135,26 +136,9 @@ def set_strategy(c, name: str, knobs: dict | None = None, keep=()) -> None:
             node[leaf] = value
 
 
-# Dataset settings the configs share: what augmentation makes sense, and the split of fractal
-# classes into a pre-training source (classes 0..29) and a "similar" target (new classes 30..).
-DIGIT_DATASETS = ("digits", "mnist5k")
-SOURCE_FRACTAL_CLASSES = 30
-
-
-def set_dataset(d: ml_collections.ConfigDict, name: str, role: str, classes: int = 0) -> None:
-    """Point the data config `d` at dataset `name` used as a `role` ('source' or 'target')."""
-    d.name = name
-    if name in DIGIT_DATASETS or name == "lfw_subset":
-        d.augment.flip = False  # a mirrored digit is another symbol; faces are not mirrored here
-    if name == "fractals":
-        d.augment.flip = False  # an IFS class is not mirror-symmetric
-        if role == "source":
-            d.fractals.num_classes = classes or SOURCE_FRACTAL_CLASSES
-            d.fractals.class_offset = 0
-        else:  # new classes from the same generator: similar to the source, disjoint from it
-            d.fractals.num_classes = classes or 10
-            d.fractals.class_offset = SOURCE_FRACTAL_CLASSES
-            d.fractals.train_per_class = 240
+# Dataset settings the configs share (which augmentation fits a dataset, the split of fractal
+# classes into source and similar target): tlx.data.roles, used by config files as set_dataset.
+set_dataset = roles.set_dataset
 
 
 def load_module(path: str, kind: str = "config"):

@@ -20,6 +20,7 @@ import numpy as np
 
 from tlx import data as tlx_data
 from tlx import probe
+from tlx.data import roles
 from tlx.features import backbone_features
 
 
@@ -55,10 +56,8 @@ def kshot_indices(labels, shots: int, seed: int) -> np.ndarray:
 def target_data_config(config, name: str) -> ml_collections.ConfigDict:
     """The run's data config (its resolution, channels, normalisation) pointed at target `name`,
     all of its training split, no augmentation."""
-    from tlx import config as tlx_config  # here: tlx.config may import this module for its block
-
     d = ml_collections.ConfigDict(config.data.to_dict())
-    tlx_config.set_dataset(d, name, "target")
+    roles.set_dataset(d, name, "target")
     d.examples_per_class = 0
     d.augment.crop_padding, d.augment.flip = 0, False
     return d
