@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tlx.models.conv import Conv
+
 # torchvision initialises convolutions with kaiming_normal(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -30,15 +32,16 @@ class BasicBlock(nn.Module):
     strides: int = 1
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
+        conv = lambda f, k, s, name: Conv(  # noqa: E731
             f,
             (k, k),
-            (s, s),
+            s,
             padding=k // 2,
-            use_bias=False,
+            impl=self.conv,
             kernel_init=conv_init,
             dtype=self.dtype,
             name=name,
@@ -58,16 +61,17 @@ class Bottleneck(nn.Module):
     strides: int = 1
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv: str = "auto"
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
+        conv = lambda f, k, s, name: Conv(  # noqa: E731
             f,
             (k, k),
-            (s, s),
+            s,
             padding=k // 2,
-            use_bias=False,
+            impl=self.conv,
             kernel_init=conv_init,
             dtype=self.dtype,
             name=name,
@@ -93,26 +97,27 @@ class Stem(nn.Module):
     kind: str = "cifar"
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
         if self.kind == "cifar":
-            x = nn.Conv(
+            x = Conv(
                 self.width,
                 (3, 3),
                 padding=1,
-                use_bias=False,
+                impl=self.conv,
                 kernel_init=conv_init,
                 dtype=self.dtype,
                 name="conv1",
             )(x)
         elif self.kind == "imagenet":
-            x = nn.Conv(
+            x = Conv(
                 self.width,
                 (7, 7),
-                (2, 2),
+                2,
                 padding=3,
-                use_bias=False,
+                impl=self.conv,
                 kernel_init=conv_init,
                 dtype=self.dtype,
                 name="conv1",
@@ -132,6 +137,7 @@ class Stage(nn.Module):
     strides: int
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -141,6 +147,7 @@ class Stage(nn.Module):
                 self.strides if i == 0 else 1,
                 self.axis_name,
                 self.dtype,
+                conv=self.conv,
                 name=f"block{i}",
             )(x, train)
         return x
@@ -151,6 +158,8 @@ class ResNet(nn.Module):
 
     `frozen_bn`: names of top-level stages whose BatchNorm layers always use (and so never
     update) their running statistics, even with `train=True`: how a frozen stage behaves.
+    `conv`: 'auto' (tlx.models.conv where it was measured faster: CPU), 'fast' or 'xla'
+    (XLA's own convolution); the parameters are the same either way.
     """
 
     stage_sizes: Sequence[int]
@@ -162,19 +171,27 @@ class ResNet(nn.Module):
     frozen_bn: Sequence[str] = ()
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         def stage_train(name):
             return train and name not in self.frozen_bn
 
-        x = Stem(self.stem_width, self.stem, self.axis_name, self.dtype, name="stem")(
-            x, stage_train("stem")
-        )
+        x = Stem(
+            self.stem_width, self.stem, self.axis_name, self.dtype, conv=self.conv, name="stem"
+        )(x, stage_train("stem"))
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             name = f"stage{i + 1}"
-            x = Stage(self.block, w, n, 1 if i == 0 else 2, self.axis_name, self.dtype, name=name)(
-                x, stage_train(name)
-            )
+            x = Stage(
+                self.block,
+                w,
+                n,
+                1 if i == 0 else 2,
+                self.axis_name,
+                self.dtype,
+                conv=self.conv,
+                name=name,
+            )(x, stage_train(name))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
