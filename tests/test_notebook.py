@@ -37,7 +37,7 @@ STRATEGY_NOTEBOOK = os.path.join(ROOT, "experiments", "strategies.ipynb")
 
 @pytest.mark.slow
 def test_a_strategy_defined_in_one_notebook_cell_fine_tunes_and_sweeps(monkeypatch):
-    """experiments/strategies.ipynb: BitFit registered in one cell, trained, swept; no tlx edit."""
+    """experiments/strategies.ipynb: BitFit (my_bitfit) registered in one cell, trained, swept; no tlx edit."""
     monkeypatch.setenv("TLX_NOTEBOOK_STEPS", "6")
     monkeypatch.setenv("TLX_PRETRAIN_STEPS", "10")
     nb = nbformat.read(STRATEGY_NOTEBOOK, as_version=4)
@@ -47,7 +47,7 @@ def test_a_strategy_defined_in_one_notebook_cell_fine_tunes_and_sweeps(monkeypat
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "'bitfit'" in printed
+    assert "'my_bitfit'" in printed
     assert "frozen kernels unchanged" in printed
     tables = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
-    assert "bitfit" in tables and "linear_probe" in tables
+    assert "my_bitfit" in tables and "linear_probe" in tables
