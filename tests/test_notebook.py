@@ -37,7 +37,7 @@ STRATEGY_NOTEBOOK = os.path.join(ROOT, "experiments", "strategies.ipynb")
 
 @pytest.mark.slow
 def test_a_strategy_defined_in_one_notebook_cell_fine_tunes_and_sweeps(monkeypatch):
-    """experiments/strategies.ipynb: BitFit (my_bitfit) registered in one cell, trained, swept; no tlx edit."""
+    """experiments/strategies.ipynb: BitFit registered in one cell, trained, swept; no tlx edit."""
     monkeypatch.setenv("TLX_NOTEBOOK_STEPS", "6")
     monkeypatch.setenv("TLX_PRETRAIN_STEPS", "10")
     nb = nbformat.read(STRATEGY_NOTEBOOK, as_version=4)
