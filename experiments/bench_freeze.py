@@ -79,7 +79,7 @@ def build_bare(c, model, variables, plan, batch):
     w0 = dict(trainable)
 
     def step(state, batch):
-        tr, opt_state, bs = state
+        tr, frozen, opt_state, bs = state  # frozen leaves: inputs (as loaded), not constants
 
         def loss_fn(tr):
             params = jax.tree.unflatten(treedef, [tr[p] if p in tr else frozen[p] for p in paths])
@@ -98,9 +98,9 @@ def build_bare(c, model, variables, plan, batch):
         u, opt_state = tx.update(g, opt_state, tr)
         if mults:
             u = {p: u[p] * mults[p] for p in u}
-        return (optax.apply_updates(tr, u), opt_state, bs), loss
+        return (optax.apply_updates(tr, u), frozen, opt_state, bs), loss
 
-    state = (trainable, tx.init(trainable), variables["batch_stats"])
+    state = (trainable, frozen, tx.init(trainable), variables["batch_stats"])
     return timed(jax.jit(step, donate_argnums=0), jax.tree.map(jnp.array, state), batch)
 
 
