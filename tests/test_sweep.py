@@ -169,3 +169,29 @@ def test_a_sweep_killed_with_sigkill_finishes_without_redoing_runs_and_equals_an
     assert table(killed) == table(whole)
     assert table(killed, "summary.csv") == table(whole, "summary.csv")
     assert table(killed, "paired.csv") == table(whole, "paired.csv")
+
+
+def test_a_diverged_run_is_a_row_and_the_cell_chooses_among_the_others(tmp_path, monkeypatch):
+    (tmp_path / "study.py").write_text(STUDY)
+
+    def fake_execute(run_dir, spec, overrides):
+        lr = overrides.get("optim.head_lr")
+        if lr == 0.1:  # the largest rate diverges: it must not be chosen, nor crash the sweep
+            return {"diverged": True, "error": "step 3: ...", "val_accuracy": None,
+                    "test_accuracy": None, "wall_s": 0.0}, True  # fmt: skip
+        val = {0.01: 0.5, 0.03: 0.4}.get(lr, 0.9)
+        return {"val_accuracy": val, "test_accuracy": val, "wall_s": 1.0}, True
+
+    monkeypatch.setattr(sweep, "execute", fake_execute)
+    logs = []
+    rows = sweep.run_sweep(str(tmp_path / "study.py"), str(tmp_path / "out"), log=logs.append)
+    a0 = next(r for r in rows if (r["strategy"], r["seed"]) == ("a", 0))
+    assert a0["optim.head_lr"] == 0.01 and a0["diverged_runs"] == 1
+    assert any("DIVERGED (step 3: ...)" in line for line in logs)
+
+
+def test_a_bad_value_in_any_cell_fails_before_any_training(tmp_path, monkeypatch):
+    (tmp_path / "study.py").write_text(STUDY.replace('"optim.head_lr": 0.1', '"optim.head_lr": -1'))
+    monkeypatch.setattr(sweep, "execute", lambda *a: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"cell a0: config optim.head_lr=-1"):
+        sweep.run_sweep(str(tmp_path / "study.py"), str(tmp_path / "out"), log=lambda _: None)

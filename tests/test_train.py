@@ -82,18 +82,82 @@ def test_linear_probe_keeps_the_backbone_and_its_statistics_bit_identical(pretra
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """A finished 8-step run extended to 16 steps (resume='force': another total_steps is another
+    config) ends bit-identical to a 16-step run (a constant schedule: the first 8 steps agree)."""
     base = dict(SMALL_FRACTALS, **{"optim.schedule": "constant", "eval_train": False})
     full = train.run(
         cfg("configs/pretrain.py:steps=16,batch_size=16", **base), str(tmp_path / "full")
     )
     part = str(tmp_path / "part")
     train.run(cfg("configs/pretrain.py:steps=8,batch_size=16", **base), part)
-    resumed = train.run(cfg("configs/pretrain.py:steps=16,batch_size=16", **base), part)
+    longer = cfg("configs/pretrain.py:steps=16,batch_size=16", **base)
+    with pytest.raises(checkpoint.ResumeMismatch, match=r"total_steps: 8 -> 16.*new workdir"):
+        train.run(longer, part)
+    resumed = train.run(longer, part, resume="force")
     assert resumed["resumed_from"] == 8
     a = checkpoint.read_variables(str(tmp_path / "full"))
     b = checkpoint.read_variables(part)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
     assert resumed["test_accuracy"] == full["test_accuracy"]
+    history = json.load(open(os.path.join(part, "config.json")))["resume_history"]
+    assert [h["changed"] for h in history] == [{"total_steps": [8, 16]}]
+
+
+def test_a_finished_run_asked_again_with_its_config_is_read_not_trained(pretrained, capsys):
+    workdir, summary = pretrained
+    before = os.stat(os.path.join(workdir, "summary.json")).st_mtime_ns
+    c = cfg("configs/pretrain.py:steps=60,batch_size=32", eval_every=30, **SMALL_FRACTALS)
+    assert train.run(c, workdir) == summary
+    assert "finished before with this config; nothing to do" in capsys.readouterr().err
+    assert os.stat(os.path.join(workdir, "summary.json")).st_mtime_ns == before
+
+
+def test_a_finished_run_asked_with_another_config_is_refused_untouched(pretrained):
+    workdir, _ = pretrained
+    files = {n: open(os.path.join(workdir, n)).read() for n in ("config.json", "summary.json")}
+    c = cfg("configs/pretrain.py:steps=40,batch_size=32,lr=1e-3", eval_every=30, **SMALL_FRACTALS)
+    with pytest.raises(checkpoint.ResumeMismatch) as e:
+        train.run(c, workdir)
+    assert "optim.lr: 0.002 -> 0.001" in str(e.value) and "total_steps: 60 -> 40" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert files == {n: open(os.path.join(workdir, n)).read() for n in files}
+
+
+def test_a_v1_config_json_is_compared_after_migration(tmp_path):
+    """A run directory written under config v1: resumed by today's equal config, not refused."""
+    c = cfg("configs/pretrain.py:steps=4,batch_size=16,image_size=16", **SMALL_FRACTALS)
+    train.run(c, str(tmp_path))
+    tree = json.load(open(tmp_path / "config.json"))
+    v1 = {k: v for k, v in tree.items() if k not in ("strategy", "feature_cache")}
+    v1["config_version"] = 1
+    v1["freeze"] = {**tree["freeze"], "strategy": "none", "feature_cache": True}
+    assert tlx_config.migrate(v1) == tree
+    (tmp_path / "config.json").write_text(json.dumps(v1))
+    assert train.run(c, str(tmp_path))["steps"] == 4  # read: the same run
+
+
+def test_an_lr_that_diverges_mid_run_stops_it_keeping_the_last_finite_checkpoint(tmp_path):
+    """lr 1e6 (SGD, no warmup): the loss goes non-finite within a few steps; the run stops with
+    an error naming the step, every checkpoint kept is finite, and failed.json says diverged."""
+    over = {"optim.name": "sgd", "optim.warmup_steps": 0, "optim.schedule": "constant"}
+    c = cfg(
+        "configs/pretrain.py:steps=12,batch_size=16,image_size=16,lr=1e6",
+        checkpoint_every=1,
+        max_to_keep=2,
+        **over,
+        **SMALL_FRACTALS,
+    )
+    with pytest.raises(train.NonFiniteError, match=r"^step (\d+): .*last finite checkpoint") as e:
+        train.run(c, str(tmp_path))
+    bad = int(e.value.args[0].split()[1].rstrip(":"))
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert steps and max(steps) == bad - 1 < 12
+    for leaf in jax.tree.leaves(checkpoint.read_variables(str(tmp_path))):
+        assert np.all(np.isfinite(leaf))
+    assert json.load(open(tmp_path / "failed.json"))["status"] == "diverged"
+    assert not os.path.exists(tmp_path / "summary.json")
+    with pytest.raises(train.NonFiniteError, match="diverged before"):  # not trained again
+        train.run(c, str(tmp_path))
 
 
 def test_init_from_a_checkpoint_of_another_backbone_is_a_clear_error(pretrained, tmp_path):

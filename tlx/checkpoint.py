@@ -7,16 +7,23 @@ plain orbax) and `data` (the input iterator's position, JSON).
 import json
 import os
 import re
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tlx import freeze
+from tlx import freeze, rundir
+
+RESUME_MODES = ("auto", "force")
 
 
 class InitError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
+
+
+class ResumeMismatch(InitError):
+    """A run directory holds a run of another config than the one asked for."""
 
 
 class Checkpointer:
@@ -65,6 +72,101 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# -- resume: the run a directory holds against the one asked for ---------------------------------
+def comparable(tree: dict) -> dict:
+    """A resolved config (as a dict) without the keys that don't change a run (rundir.IGNORE)."""
+    tree = json.loads(json.dumps(tree, default=str))
+    for key in rundir.IGNORE:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """[(dotted key, old value, new value)] where two config trees differ."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def read_config(workdir: str) -> dict | None:
+    """A run directory's config.json in today's layout (`tlx.config.migrate`), or None."""
+    from tlx import config as tlx_config
+
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            tree = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return tlx_config.migrate(tree) if isinstance(tree, dict) else None
+
+
+def check_resume(
+    workdir: str, tree: dict, where: str | None, resume: str = "auto"
+) -> tuple[list, bool]:
+    """(the resume history to record in config.json, whether the config changed), once the
+    config `tree` (a resolved config as a dict) is checked against the run `workdir` holds.
+    `where`: what would be resumed (its latest checkpoint, or the finished run), None when the
+    directory holds no state.
+
+    A recorded config that differs is refused (ResumeMismatch, one line: the fields and the
+    fix) unless `resume='force'`, which adds the change to the history. A directory without state
+    starts over, whatever its config.json says."""
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume={resume!r}: use one of {list(RESUME_MODES)}")
+    old = read_config(workdir) if where else None
+    if old is None:
+        return [], False
+    history = list(old.get("resume_history", []))
+    diff = differences(comparable(old), comparable(tree))
+    if not diff:
+        return history, False
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:8])
+    if len(diff) > 8:
+        shown += f", ... ({len(diff)} fields differ)"
+    if resume != "force":
+        raise ResumeMismatch(
+            f"cannot resume {where}: it is a run of another config ({shown}); use a new workdir, "
+            "or --resume=force (train.run(..., resume='force')) to continue it under this "
+            "config, recorded in config.json's resume_history"
+        )
+    changed = {k: [a, b] for k, a, b in diff}
+    return history + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}], True
+
+
+def truncate_metrics(path: str, step: int, final_splits=()) -> None:
+    """metrics.jsonl without the records after `step` (those a resumed run writes again), nor
+    the evaluations of `final_splits` at `step` (a run killed after its last save evaluates
+    again), nor a line cut short by a kill; rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or record.get("step", 0) > step:
+                continue
+            if record.get("step") == step and record.get("split") in final_splits:
+                continue
+            keep.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def find_state_dir(path: str) -> str:

@@ -6,6 +6,8 @@ configs written by older versions of tlx.
 """
 
 import copy
+import math
+import re
 
 import ml_collections
 
@@ -156,6 +158,172 @@ def load_module(path: str, kind: str = "config"):
     return module
 
 
+# -- validation: every field where the config is resolved ----------------------------------------
+def _num(lo=None, hi=None, lo_open=False, hi_open=False, kind=(int, float)):
+    """A check of a finite number in a range (open or closed at each end)."""
+
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, kind):
+            names = "an int" if kind is int else "a number"
+            return f"not {names}"
+        if not math.isfinite(v):
+            return "not finite"
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"use a value {'>' if lo_open else '>='} {lo}"
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return f"use a value {'<' if hi_open else '<='} {hi}"
+        return None
+
+    return check
+
+
+def _one_of(*values):
+    return lambda v: None if v in values else f"use one of {list(values)}"
+
+
+def _bool(v):
+    return None if isinstance(v, bool) else "use true or false"
+
+
+def _regexes(v):
+    if isinstance(v, str) or not isinstance(v, list | tuple):
+        return "use a list of regexes"
+    for p in v:
+        try:
+            re.compile(p)
+        except (re.error, TypeError) as e:
+            return f"{p!r} is not a valid regex ({e})"
+    return None
+
+
+def _lr_mults(v):
+    if not isinstance(v, list | tuple):
+        return "use a list of [regex, multiplier] pairs"
+    for pair in v:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            return f"{pair!r} is not a [regex, multiplier] pair"
+        bad = _regexes([pair[0]]) or _num(0.0)(pair[1])
+        if bad:
+            return f"{pair!r}: {bad}"
+    return None
+
+
+def _range_pair(lo, hi):
+    def check(v):
+        if not isinstance(v, list | tuple) or len(v) != 2:
+            return "use two numbers (low, high)"
+        bad = _num(lo, hi, lo_open=True)(v[0]) or _num(lo, hi, lo_open=True)(v[1])
+        return bad or (None if v[0] <= v[1] else "low > high")
+
+    return check
+
+
+def _shots(v):
+    if not isinstance(v, list | tuple) or not v:
+        return "use a list of shot counts"
+    return next((f"{x!r}: {b}" for x in v if (b := _num(1, kind=int)(x))), None)
+
+
+_COUNT, _COUNT0 = _num(1, kind=int), _num(0, kind=int)
+_RATE = _num(0.0)
+CHECKS = {
+    "seed": _COUNT0,
+    "total_steps": _COUNT,
+    "batch_size": _COUNT,
+    "eval_batch_size": _COUNT0,
+    "parallel": _one_of("jit", "pmap"),
+    "init_reinit": _regexes,
+    "init_reinit_init": _one_of("zeros", "init"),
+    "model.stem": _one_of("", "cifar", "imagenet"),
+    "data.image_size": _num(4, kind=int),
+    "data.channels": _one_of(1, 3),
+    "data.normalize": _one_of("unit", "imagenet"),
+    "data.val_fraction": _num(0.0, 1.0, lo_open=True, hi_open=True),
+    "data.examples_per_class": _COUNT0,
+    "data.subset_seed": _COUNT0,
+    "data.in_memory": _one_of("auto", "true", "false"),
+    "data.workers": _COUNT0,
+    "data.eval_crop_fraction": _num(0.0, 1.0),
+    "data.augment.crop_padding": _COUNT0,
+    "data.augment.flip": _bool,
+    "data.augment.inception_crop": _bool,
+    "data.augment.inception_scale": _range_pair(0.0, 1.0),
+    "data.augment.inception_ratio": _range_pair(0.0, None),
+    "data.fractals.num_classes": _COUNT,
+    "data.fractals.class_offset": _COUNT0,
+    "data.fractals.train_per_class": _COUNT,
+    "data.fractals.test_per_class": _COUNT,
+    "data.fractals.resolution": _COUNT,
+    "data.fractaldb.num_classes": _COUNT,
+    "data.fractaldb.train_per_class": _COUNT,
+    "data.fractaldb.test_per_class": _COUNT,
+    "freeze.patterns": _regexes,
+    "freeze.bn": _one_of(*freeze.BN_MODES),
+    "optim.name": _one_of("adamw", "sgd"),
+    "optim.lr": _RATE,
+    "optim.head_lr": _RATE,
+    "optim.schedule": _one_of("warmup_cosine", "constant"),
+    "optim.warmup_steps": _COUNT0,
+    "optim.end_lr_factor": _num(0.0),
+    "optim.weight_decay": _RATE,
+    "optim.decay_kernels_only": _bool,
+    "optim.momentum": _num(0.0, 1.0, hi_open=True),
+    "optim.b2": _num(0.0, 1.0, hi_open=True),
+    "optim.nesterov": _bool,
+    "optim.clip_norm": _RATE,
+    "optim.label_smoothing": _num(0.0, 1.0, hi_open=True),
+    "optim.lr_mults": _lr_mults,
+    "feature_cache": _bool,
+    "fewshot.every": _COUNT0,
+    "fewshot.shots": _shots,
+    "fewshot.seeds": _COUNT,
+    "fewshot.l2": _num(0.0, lo_open=True),
+    "fewshot.batch_size": _COUNT,
+    "log_every": _COUNT,
+    "eval_every": _COUNT0,
+    "checkpoint_every": _COUNT0,
+    "max_to_keep": _COUNT,
+    "eval_train": _bool,
+    "progress": _bool,
+    "tensorboard": _bool,
+}
+
+
+def validate(c) -> None:
+    """Every field of a resolved config checked (ranges of counts, LRs and fractions, strict
+    booleans, known names, valid regexes): a ValueError naming the first bad field, one line."""
+    for key, check in CHECKS.items():
+        node, found = c, True
+        for part in key.split("."):
+            if part not in node:
+                found = False
+                break
+            node = node[part]
+        if not found:
+            continue
+        problem = check(node)
+        if problem:
+            raise ValueError(f"config {key}={node!r}: {problem}")
+    if c.model.name not in _model_names():
+        raise ValueError(f"config model.name={c.model.name!r}: use one of {_model_names()}")
+    if not str(c.data.name).strip():
+        raise ValueError("config data.name='': name a dataset")
+    if c.data.fractals.class_offset < 0:
+        raise ValueError("config data.fractals.class_offset: use a value >= 0")
+    name = c.strategy.name
+    s = strategies.get(name)  # an unknown strategy: a one-line error naming the registered ones
+    if s.check is not None:
+        s.check(strategies.knobs_of(c))
+    if c.optim.lr == 0 and (c.optim.head_lr or 0) == 0:
+        raise ValueError("config optim.lr=0 and optim.head_lr=0: nothing would train")
+
+
+def _model_names() -> list[str]:
+    from tlx import models
+
+    return sorted(models.MODELS)
+
+
 # -- configs written by older versions ----------------------------------------------------------
 _V1_BLOCKS = ("surgical", "gradual_unfreeze", "lp_ft", "layer_decay", "l2_sp", "auto_rgn")
 
@@ -203,12 +371,58 @@ def load(spec: str, **overrides) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     c = load_module(path).get_config(arg or None)
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"unknown config key {key!r}")
-        node[leaf] = value
+        set_key(c, key, value)
     c.lock()
+    validate(c)
     return c
+
+
+def set_key(c, key: str, value) -> None:
+    """c[key] = value for a dotted key; an unknown key is a one-line KeyError naming it and the
+    keys beside it. A string `value` is typed like the field (`parse_value`)."""
+    node, seen = c, []
+    for p in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+            keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            where = ".".join(seen) or "the config"
+            raise KeyError(
+                f"unknown config key {key!r}: {where} has no {p!r} (its keys: {', '.join(keys)})"
+            )
+        parent, node = node, node[p]
+        seen.append(p)
+    node, leaf = parent, seen[-1]
+    old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise KeyError(f"config key {key!r} is a block, not a field (its keys: {sorted(old)})")
+    if isinstance(value, str) and not isinstance(old, str):
+        value = parse_value(value, old, key)
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ValueError(f"config {key}={value!r}: {e}") from None
+
+
+def parse_value(text: str, old, key: str):
+    """A command-line string typed like the field's current value `old`: strict booleans, ints,
+    floats, and lists/tuples as JSON ('[1, 2]') or comma-separated items typed like the old
+    items (or strings)."""
+    import json
+
+    if isinstance(old, list | tuple):
+        stripped = text.strip()
+        if stripped.startswith("["):
+            try:
+                items = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config {key}={text!r}: not a JSON list ({e})") from None
+        else:
+            parts = [t for t in stripped.split(",") if t] if stripped else []
+            proto = old[0] if old else ""
+            items = [t if isinstance(proto, str) else _typed(t, proto, key) for t in parts]
+        return tuple(items) if isinstance(old, tuple) else list(items)
+    if old is None:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return _typed(text, old, key)

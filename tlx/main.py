@@ -1,24 +1,86 @@
-"""The command line: `python -m tlx.main --config=configs/FILE.py[:ARGS] --workdir=DIR`."""
+"""The command line: `python -m tlx.main --config=configs/FILE.py[:ARGS] --workdir=DIR`.
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+  --config.KEY=VALUE   any field of the resolved config, typed like it (lists as JSON or a,b,c)
+  --resume=force       continue the run in DIR under a changed config (recorded in config.json)
 
-from tlx import train
+An error of the user's (a bad value, an unknown key, a busy or mismatched workdir, a diverged run)
+is one line on stderr and exit status 1; a usage error exits 2.
+"""
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (and :args).", lock_config=True
+import sys
+
+USAGE = (
+    "usage: python -m tlx.main --config=configs/FILE.py[:ARGS] --workdir=DIR "
+    "[--config.KEY=VALUE ...] [--resume=auto|force]"
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running resumes.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def parse(argv: list[str]) -> tuple[str, str, dict, str]:
+    """(config spec, workdir, {dotted key: string value}, resume mode) from the arguments."""
+    spec = workdir = None
+    overrides, resume = {}, "auto"
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r}")
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            if not args:
+                raise UsageError(f"--{name} needs a value")
+            value = args.pop(0)
+        if name == "config":
+            spec = value
+        elif name.startswith("config."):
+            overrides[name.removeprefix("config.")] = value
+        elif name == "workdir":
+            workdir = value
+        elif name == "resume":
+            resume = value
+        else:
+            raise UsageError(f"unknown flag --{name}")
+    if spec is None or workdir is None:
+        raise UsageError(f"--{'config' if spec is None else 'workdir'} is required")
+    if not workdir.strip():
+        raise UsageError("--workdir is empty: give the run directory")
+    if resume not in ("auto", "force"):
+        raise UsageError(f"--resume={resume!r}: use auto or force")
+    return spec, workdir, overrides, resume
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        spec, workdir, overrides, resume = parse(argv)
+    except UsageError as e:
+        print(f"tlx.main: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    from absl import logging
+
+    from tlx import config as tlx_config
+    from tlx import rundir, train
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    summary = train.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        config = tlx_config.load(spec, **overrides)
+        summary = train.run(config, workdir, resume=resume)
+    except (
+        ValueError,  # bad config values and args, checkpoint.InitError, ResumeMismatch
+        KeyError,  # unknown config keys
+        FileNotFoundError,
+        train.NonFiniteError,
+        rundir.WorkdirLocked,
+    ) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"tlx.main: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
     print({k: v for k, v in summary.items() if k.endswith("accuracy") or k == "wall_s"})
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -33,6 +33,7 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -40,8 +41,10 @@ import signal
 import sys
 import time
 
+from tlx import rundir
+
 # Keys of a resolved config that don't change what a run computes: left out of its hash.
-HASH_IGNORE = ("progress", "tensorboard", "data.data_dir")
+HASH_IGNORE = rundir.IGNORE
 # Per-cell columns of results.csv after the axes (then the chosen grid values, then timing).
 FIGURES = (
     "test_accuracy",
@@ -127,6 +130,18 @@ def check_cells(cells, spec: str = "the study") -> list[dict]:
     return cells
 
 
+def check_configs(cells: list[dict]) -> None:
+    """Resolve every cell at every grid point before any training (`tlx.config.load` validates
+    each config): a bad value, an unknown strategy or key fails now, naming the cell."""
+    for c in cells:
+        for point in c.get("grid") or [{}]:
+            try:
+                resolve(c, point, "0" * 12 if c.get("init_from") else None)
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise ValueError(f"cell {c.get('name', c.get('axes'))}: {msg}") from None
+
+
 # -- runs ------------------------------------------------------------------------------------------
 def resolve(cell: dict, point: dict, init_run: str | None):
     """The config of `cell` at grid `point`, starting from run `init_run` (a hash): (config,
@@ -206,25 +221,47 @@ def read_summary(run_dir: str) -> dict | None:
     return _read_json(os.path.join(run_dir, "summary.json"))
 
 
-def execute(run_dir: str, spec: str, overrides: dict) -> tuple[dict, bool]:
-    """Train the run (or resume it, or read it when finished): (summary, trained here).
+def read_diverged(run_dir: str) -> dict | None:
+    """A run that stopped on a non-finite loss or parameter (train.FAILED says 'diverged'), as a
+    summary: {'diverged': True, 'error', 'val_accuracy': None, 'test_accuracy': None, ...}; else
+    None. It is finished too: trained again, it would diverge again."""
+    failed = _read_json(os.path.join(run_dir, "failed.json"))
+    if not isinstance(failed, dict) or failed.get("status") != "diverged":
+        return None
+    return {
+        "diverged": True,
+        "error": failed.get("error", ""),
+        "val_accuracy": None,
+        "test_accuracy": None,
+        "wall_s": 0.0,
+    }
 
-    A lock on RUN_DIR/.lock keeps two runners (say, one restarted while an orphan still works)
-    from training one run at once; the kernel drops it when its holder dies, even by SIGKILL.
+
+def is_diverged(summary: dict) -> bool:
+    return bool(summary.get("diverged"))
+
+
+def execute(run_dir: str, spec: str, overrides: dict) -> tuple[dict, bool]:
+    """Train the run (or resume it, or read it when finished or diverged): (summary, trained
+    here). A diverged run is a summary with diverged=True (`read_diverged`), not an error.
+
+    The run's lock (`tlx.rundir.lock`, the one train.run takes) keeps two runners (say, one
+    restarted while an orphan still works) from training one run at once: the second waits.
     """
     from tlx import config as tlx_config
     from tlx import train
 
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        summary = read_summary(run_dir)
+    with rundir.lock(run_dir, wait=True):
+        summary = read_summary(run_dir) or read_diverged(run_dir)
         if summary is not None:
             return summary, False
         with open(os.path.join(run_dir, "sweep_run.json"), "w") as f:
             json.dump({"config": spec, "overrides": overrides}, f, indent=1, default=str)
         config = tlx_config.load(spec, **overrides)
-        return train.run(config, run_dir), True
+        try:
+            return train.run(config, run_dir), True
+        except train.NonFiniteError:
+            return read_diverged(run_dir), True
 
 
 def enable_compilation_cache() -> str:
@@ -282,6 +319,7 @@ def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
     with open(os.path.join(workdir, ".migrate.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several sweeps on one directory: one migrates
         migrate_runs(runs_dir, log)
+    check_configs(cells)
     position = {c["name"]: i for i, c in enumerate(cells) if "name" in c}
     trials: dict[int, list[tuple[dict, str]]] = {}  # cell -> [(grid point, run hash)]
     chosen: dict[int, dict] = {}  # cell -> {'run', 'point', 'summary', 'trials'}
@@ -324,11 +362,15 @@ def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
                 reported.add(h)
                 summary, trained = f.result()  # raises the run's error, if any
                 counts["trained" if trained else "read"] += 1
+                figures = (
+                    f"DIVERGED ({summary['error']})"
+                    if is_diverged(summary)
+                    else f"val {summary['val_accuracy']:.3f} test {summary['test_accuracy']:.3f}"
+                )
                 log(
                     f"[sweep] {time.time() - started:6.0f} s  {h} "
                     f"{'trained' if trained else 'finished before, read'}: "
-                    f"val {summary['val_accuracy']:.3f} test {summary['test_accuracy']:.3f} "
-                    f"({summary['wall_s']:.0f} s)  {about[h]}"
+                    f"{figures} ({summary['wall_s']:.0f} s)  {about[h]}"
                 )
 
     def collect() -> None:
@@ -338,8 +380,8 @@ def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
             if i in chosen or not all(futures[h].done() for _, h in ts):
                 continue
             summaries = [futures[h].result()[0] for _, h in ts]
-            # Best validation accuracy; among equals the first grid point.
-            best = max(range(len(ts)), key=lambda k: (summaries[k]["val_accuracy"], -k))
+            # Best validation accuracy; among equals the first grid point; diverged runs last.
+            best = max(range(len(ts)), key=lambda k, s=summaries: _score(s[k], k))
             chosen[i] = {
                 "run": ts[best][1],
                 "point": ts[best][0],
@@ -383,6 +425,13 @@ def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
         f"-> {workdir}/results.csv"
     )
     return rows
+
+
+def _score(summary: dict, k: int) -> tuple:
+    """The order in which a cell chooses among its grid points (the largest wins)."""
+    val = summary.get("val_accuracy")
+    ok = not is_diverged(summary) and val is not None and math.isfinite(val)
+    return (ok, val if ok else 0.0, -k)
 
 
 def _describe(cell: dict, point: dict) -> str:
@@ -435,6 +484,9 @@ def _row(cell: dict, chosen: dict, cells: list[dict], runs_dir: str) -> dict:
     for k in keys:
         row[k] = _lookup(config, k, chosen["point"].get(k, ""))
     row["grid_size"] = len(chosen["trials"])
+    diverged = sum(is_diverged(t) for t in chosen["trials"])
+    if diverged:  # a column only in sweeps where some run diverged
+        row["diverged_runs"] = diverged
     row["run"] = chosen["run"]
     row["wall_s"] = round(s.get("wall_s", 0.0), 1)
     row["cell_wall_s"] = round(sum(t.get("wall_s", 0.0) for t in chosen["trials"]), 1)

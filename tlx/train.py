@@ -5,27 +5,98 @@ steps, loop (hook, step, log, evaluate, checkpoint), final evaluation and summar
 strategy changes is in its plan (`tlx.strategies`); the step is generic (`tlx.step`).
 """
 
+import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from tlx import checkpoint, data, features, fewshot, freeze, models, strategies
+from tlx import checkpoint, data, features, fewshot, freeze, models, rundir, strategies
 from tlx import step as step_lib
 from tlx.parallel import Runner
 
 
-def run(config, workdir: str) -> dict:
-    """Train (or resume) the run `config` in `workdir`; returns the summary it writes."""
+class NonFiniteError(RuntimeError):
+    """The loss or a parameter went non-finite: the run stopped, its finite checkpoints kept."""
+
+
+def run(config, workdir: str, resume: str = "auto") -> dict:
+    """Train (or resume) the run `config` in `workdir`; returns the summary it writes.
+
+    A workdir holds one run: resuming it with another config is refused unless resume='force'
+    (the change is recorded in config.json's resume_history); a finished run asked again with
+    its config is not trained again (its summary is returned). One process per workdir."""
+    from tlx import config as tlx_config
+
     t_start = time.time()
+    if not str(workdir).strip():
+        raise ValueError("workdir is empty: give the run directory (--workdir=DIR)")
+    tlx_config.validate(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    with rundir.lock(workdir):
+        return _run(config, workdir, resume, t_start)
+
+
+def _run(config, workdir: str, resume: str, t_start: float) -> dict:
+    tree = json.loads(config.to_json_best_effort())
+    ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
+    resumed_from = ckpt.latest_step()
+    finished = _read_json(os.path.join(workdir, "summary.json"))
+    failed = _read_json(os.path.join(workdir, FAILED))
+    where = (
+        os.path.join(ckpt.directory, str(resumed_from))
+        if resumed_from is not None
+        else (workdir if finished is not None else None)
+    )
+    history, changed = checkpoint.check_resume(workdir, tree, where, resume)
+    if not changed and finished is not None:
+        print(f"[tlx] {workdir}: finished before with this config; nothing to do", file=sys.stderr)
+        ckpt.close()
+        return finished
+    if not changed and (failed or {}).get("status") == "diverged" and resumed_from is not None:
+        ckpt.close()
+        raise NonFiniteError(
+            f"{failed['error']} (diverged before with this config; nothing to do: give another "
+            "config with --resume=force to continue from the last finite checkpoint)"
+        )
+    if resumed_from is not None and resumed_from > config.total_steps:
+        ckpt.close()
+        raise checkpoint.ResumeMismatch(
+            f"cannot resume {where}: its step {resumed_from} is past total_steps="
+            f"{config.total_steps}; use a new workdir"
+        )
+    for name in ("summary.json", FAILED):  # the run is not finished (nor failed) any more
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(workdir, name))
+    if history:
+        tree["resume_history"] = history
+    _write_json(os.path.join(workdir, "config.json"), tree)
+    splits = ("train", "val", "test") if config.eval_train else ("val", "test")
+    checkpoint.truncate_metrics(
+        os.path.join(workdir, "metrics.jsonl"),
+        resumed_from or 0,
+        splits if resumed_from == config.total_steps else (),
+    )
+    try:
+        return _train(config, workdir, ckpt, resumed_from, splits, t_start)
+    except BaseException as e:
+        status = "diverged" if isinstance(e, NonFiniteError) else "failed"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _write_json(
+            os.path.join(workdir, FAILED),
+            {"status": status, "error": first, "type": type(e).__name__, "time": time.ctime()},
+        )
+        raise
+    finally:
+        ckpt.close()
+
+
+def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
     runner = Runner(config.parallel)
     batch_size, eval_batch_size = config.batch_size, config.eval_batch_size or config.batch_size
     runner.check_batch_size(batch_size)
@@ -50,8 +121,6 @@ def run(config, workdir: str) -> dict:
     plan = strategies.plan(config, abstract, steps_per_epoch, bool(init_from))
 
     # -- init or restore: auto-resume first, then init_from, then scratch --
-    ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
-    resumed_from = ckpt.latest_step()
     start = resumed_from or 0
     # A checkpoint saved on a phase boundary holds the state of the phase before it.
     phase = plan.index(max(start - 1, 0))
@@ -81,12 +150,12 @@ def run(config, workdir: str) -> dict:
     if data_state is not None:
         train_iter.set_state(data_state)
     state = runner.put_state(state)
-    train_step = runner.train_step(plan.train_step(model, phase, runner.axis_name))
+    train_step = runner.train_step(_guarded(plan.train_step(model, phase, runner.axis_name)))
     eval_step = runner.eval_step(step_lib.make_eval_step(plan.model(model, phase)))
     log = _Log(workdir, config.tensorboard)
 
     # -- loop --
-    rates, t_log, n_log = [], time.time(), 0
+    rates, t_log, n_log, pending = [], time.time(), 0, None
     bar = tqdm(
         total=config.total_steps,
         initial=start,
@@ -99,7 +168,9 @@ def run(config, workdir: str) -> dict:
         if plan.index(done) != phase:  # next phase: new groups, new step, carried state
             phase = plan.index(done)
             state = runner.put_state(plan.enter(dict(runner.get_state(state)), phase))
-            train_step = runner.train_step(plan.train_step(model, phase, runner.axis_name))
+            train_step = runner.train_step(
+                _guarded(plan.train_step(model, phase, runner.axis_name))
+            )
         setup = plan.phases[phase]
         if plan.hook is not None:
             info = strategies.StepInfo(
@@ -110,8 +181,19 @@ def run(config, workdir: str) -> dict:
         state, metrics = train_step(state, runner.put_batch(next(train_iter)))
         n_log += 1
         bar.update(1)
-        if step % config.log_every == 0 or step == config.total_steps:
+        logs = step % config.log_every == 0 or step == config.total_steps
+        probes = probe is not None and step % config.fewshot.every == 0
+        evals = config.eval_every and step % config.eval_every == 0 and step != config.total_steps
+        saves = config.checkpoint_every and step % config.checkpoint_every == 0
+        # Checked one step late (the device runs ahead), or now before the host reads the state.
+        if logs or probes or evals or saves:
+            _check_finite(step, metrics, runner, ckpt, config)
+        elif pending is not None:
+            _check_finite(*pending, runner, ckpt, config)
+        pending = (step, metrics)
+        if logs:
             m = runner.metrics(metrics)
+            del m["finite_loss"], m["finite_params"]
             now = time.time()
             rate = n_log * batch_size / (now - t_log)
             if step > start + n_log:  # the first interval includes compilation
@@ -122,7 +204,7 @@ def run(config, workdir: str) -> dict:
                 record["lr" if g == "backbone" else f"lr_{g}"] = float(lr(step - 1))
             log.write(record)
             bar.set_postfix(loss=f"{m['loss']:.3f}")
-        if probe is not None and step % config.fewshot.every == 0:
+        if probes:
             host = runner.get_state(state)
             log.write(
                 {
@@ -131,17 +213,18 @@ def run(config, workdir: str) -> dict:
                     **probe(step, host["params"], host["batch_stats"]),
                 }
             )
-        if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+        if evals:
             _evaluate(eval_step, runner, state, dataset, ("val",), eval_batch_size, step, log)
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+        if saves:
             ckpt.save(step, runner.get_state(state), train_iter.get_state())
     bar.close()
+    if pending is not None:
+        _check_finite(*pending, runner, ckpt, config)
     if ckpt.latest_step() != config.total_steps:
         ckpt.save(config.total_steps, runner.get_state(state), train_iter.get_state())
     ckpt.wait()
 
     # -- final evaluation and summary --
-    splits = ("train", "val", "test") if config.eval_train else ("val", "test")
     final = _evaluate(
         eval_step, runner, state, dataset, splits, eval_batch_size, config.total_steps, log
     )
@@ -153,13 +236,60 @@ def run(config, workdir: str) -> dict:
         wall_s=time.time() - t_start,
     )
     # Written last and atomically: a summary.json that exists marks a finished run.
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    _write_json(os.path.join(workdir, "summary.json"), summary)
     log.close()
-    ckpt.close()
     return summary
+
+
+def _guarded(step_fn):
+    """`step_fn` whose metrics also say whether the loss and every parameter are finite."""
+
+    def step(state, batch):
+        new, metrics = step_fn(state, batch)
+        leaves = jax.tree.leaves(new["params"])
+        finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all() if leaves else True
+        return new, {
+            **metrics,
+            "finite_loss": jnp.isfinite(metrics["loss"]).astype(jnp.float32),
+            "finite_params": jnp.asarray(finite, jnp.float32),
+        }
+
+    return step
+
+
+def _check_finite(step, metrics, runner, ckpt, config) -> None:
+    m = runner.metrics({k: metrics[k] for k in ("loss", "finite_loss", "finite_params")})
+    if m["finite_loss"] == 1.0 and m["finite_params"] == 1.0:
+        return
+    what = (
+        f"the training loss is {m['loss']}"
+        if m["finite_loss"] != 1.0
+        else "an update made parameters non-finite"
+    )
+    last = ckpt.latest_step()
+    kept = f"its last finite checkpoint, step {last}, is kept" if last else "no checkpoint kept"
+    raise NonFiniteError(
+        f"step {step}: {what} (optim.lr={config.optim.lr}, optim.head_lr={config.optim.head_lr}); "
+        f"the run stopped, {kept}: lower the learning rate or set optim.clip_norm"
+    )
+
+
+FAILED = "failed.json"  # a run that stopped with an error says so: {status, error, type, time}
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _summary(config, plan, host, final, dataset, cache) -> dict:
