@@ -13,12 +13,18 @@ Inside a block the names are big_vision's: LayerNorm_0, MultiHeadDotProductAtten
 (query/key/value kernels (D, heads, D/heads), out (heads, D/heads, D)), LayerNorm_2,
 MlpBlock_3/{Dense_0, Dense_1}. There is no BatchNorm: `frozen_bn` and `axis_name` are accepted
 for the backbone contract and change nothing (a frozen stage behaves the same in train mode).
+
+Hooks for parameter-efficient fine-tuning (`tlx.strategies.adapter`, `tlx.strategies.vpt`), off
+by default (the tree is then big_vision's): `adapter_dim` > 0 adds Houlsby adapters
+`encoderblock_N/adapter_attn` and `adapter_mlp`; `num_prompts` > 0 adds prompt tokens
+`encoderblock_0/prompts` (every block's with `deep_prompts`).
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -60,16 +66,58 @@ class MlpBlock(nn.Module):
         return nn.Dense(d, name="Dense_1", **kw)(x)
 
 
+class Adapter(nn.Module):
+    """Houlsby et al. 2019's bottleneck adapter: x + up(gelu(down(x))), `up` zero-initialised so
+    that the block starts as the identity."""
+
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(self.dim, kernel_init=xavier, dtype=self.dtype, name="down")(x)
+        y = nn.gelu(y)
+        up = nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros, dtype=self.dtype, name="up")
+        return x + up(y)
+
+
+def prompt_init(patch_size: int, channels: int, width: int):
+    """VPT's prompt initialiser (Jia et al. 2022): uniform in +-sqrt(6 / (patch area x channels +
+    width)), Xavier's range for the patch embedding."""
+    bound = float(np.sqrt(6.0 / (patch_size * patch_size * channels + width)))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 class EncoderBlock(nn.Module):
-    """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)).
+
+    Hooks (off by default): `adapter_dim` > 0: an `Adapter` on the attention's and on the MLP's
+    output, before each residual add (`adapter_attn`, `adapter_mlp`). `num_prompts` > 0:
+    `prompts` (1, n, D) inserted after the first `prompt_offset` tokens (the cls token), or, with
+    `prompt_insert` False (VPT-deep's later blocks), replacing the n prompt tokens there."""
 
     num_heads: int
     mlp_dim: int
     approximate_gelu: bool = True
     dtype: Any = jnp.float32
+    adapter_dim: int = 0
+    num_prompts: int = 0
+    prompt_insert: bool = True
+    prompt_offset: int = 0
+    prompt_init: Any = None
 
     @nn.compact
     def __call__(self, x):
+        if self.num_prompts:
+            n, c = self.num_prompts, self.prompt_offset
+            p = self.param("prompts", self.prompt_init, (1, n, x.shape[-1]), jnp.float32)
+            p = jnp.tile(p.astype(x.dtype), (x.shape[0], 1, 1))
+            rest = x[:, c:] if self.prompt_insert else x[:, c + n :]
+            x = jnp.concatenate([x[:, :c], p, rest], axis=1)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
@@ -78,9 +126,13 @@ class EncoderBlock(nn.Module):
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_1",
         )(y, y)
+        if self.adapter_dim:
+            y = Adapter(self.adapter_dim, self.dtype, name="adapter_attn")(y)
         x = x + y
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.approximate_gelu, self.dtype, name="MlpBlock_3")(y)
+        if self.adapter_dim:
+            y = Adapter(self.adapter_dim, self.dtype, name="adapter_mlp")(y)
         return x + y
 
 
@@ -122,6 +174,11 @@ class Stage(nn.Module):
     final_norm: bool = False
     approximate_gelu: bool = True
     dtype: Any = jnp.float32
+    adapter_dim: int = 0
+    num_prompts: int = 0
+    deep_prompts: bool = False
+    prompt_offset: int = 0
+    prompt_init: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -131,6 +188,11 @@ class Stage(nn.Module):
                 self.mlp_dim,
                 self.approximate_gelu,
                 self.dtype,
+                adapter_dim=self.adapter_dim,
+                num_prompts=self.num_prompts if i == 0 or self.deep_prompts else 0,
+                prompt_insert=i == 0,
+                prompt_offset=self.prompt_offset,
+                prompt_init=self.prompt_init,
                 name=f"encoderblock_{i}",
             )(x)
         if self.final_norm:
@@ -145,6 +207,8 @@ class ViT(nn.Module):
     (the mean of all tokens after the final LayerNorm, big_vision's default). The head is a
     zero-initialised Dense, as big_vision's. `approximate_gelu`: True is big_vision's tanh GELU;
     timm's weights were trained with the exact (erf) GELU. `frozen_bn`, `axis_name`: no-ops.
+    `adapter_dim`, `num_prompts`, `deep_prompts`: the PEFT hooks (module docstring); pooling
+    ignores the prompt tokens.
     """
 
     num_classes: int
@@ -159,15 +223,20 @@ class ViT(nn.Module):
     frozen_bn: Sequence[str] = ()
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    adapter_dim: int = 0
+    num_prompts: int = 0
+    deep_prompts: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no dropout, no BatchNorm: train and eval compute the same function
         if self.pool_type not in ("tok", "gap"):
             raise ValueError(f"pool_type={self.pool_type!r}: use 'tok' (cls token) or 'gap'")
+        channels = x.shape[-1]
         x = Stem(self.width, self.patch_size, self.pool_type, self.dtype, name="stem")(
             x.astype(self.dtype)
         )
+        offset = 1 if self.pool_type == "tok" else 0
         groups = stage_blocks(self.depth, self.num_stages)
         for k, blocks in enumerate(groups, start=1):
             x = Stage(
@@ -177,8 +246,15 @@ class ViT(nn.Module):
                 final_norm=k == len(groups),
                 approximate_gelu=self.approximate_gelu,
                 dtype=self.dtype,
+                adapter_dim=self.adapter_dim,
+                num_prompts=self.num_prompts,
+                deep_prompts=self.deep_prompts,
+                prompt_offset=offset,
+                prompt_init=prompt_init(self.patch_size, channels, self.width),
                 name=f"stage{k}",
             )(x)
+        if self.num_prompts:  # pooling sees the image's tokens (and the cls token) only
+            x = jnp.concatenate([x[:, :offset], x[:, offset + self.num_prompts :]], axis=1)
         x = x[:, 0] if self.pool_type == "tok" else jnp.mean(x, axis=1)
         head = nn.Dense(
             self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"

@@ -9,17 +9,21 @@ selected one into a run's phases, optimizer and train step.
 """
 
 from tlx.strategies import (  # noqa: F401 - each module registers its strategies
+    adapter,
     auto_rgn,
+    bitfit,
     gradual_unfreeze,
     l2_sp,
     layer_decay,
+    lora,
     lp_ft,
     presets,
     scratch,
     surgical,
+    vpt,
 )
 from tlx.strategies.base import REGISTRY, Branch, Context, Strategy, get, knobs_of, register
-from tlx.strategies.plan import PhaseSetup, Plan, StepInfo, plan
+from tlx.strategies.plan import PhaseSetup, Plan, StepInfo, StrategyModel, plan
 from tlx.strategies.presets import SEED_TABLE, seed_prescription
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "PhaseSetup",
     "StepInfo",
     "Strategy",
+    "StrategyModel",
     "get",
     "knobs_of",
     "names",

@@ -3,8 +3,9 @@ the registry of strategies by name.
 
 A strategy contributes any of: the parameters it freezes (or its phases, each a step range with
 its frozen patterns), per-leaf LR multipliers, optax transforms around the base optimizer of each
-trainable branch, a loss term, a hook between steps, and config defaults. Everything else (masks,
-optimizer groups, schedules, the train step) is generic: `tlx.strategies.plan`.
+trainable branch, a loss term, a hook between steps, config defaults, and for parameter-efficient
+methods new leaves (LoRA factors, adapters, prompts) with how the model sees them. Everything else
+(masks, optimizer groups, schedules, the train step) is generic: `tlx.strategies.plan`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ class Strategy:
     config_defaults  {dotted config key: value} the strategy implies (scratch: its LRs); set when
                      the strategy is selected, explicit config args win
     from_scratch     True: the run starts from a random init, whatever init_from says
+    init_params      fn(ctx, params, rng) -> params: the model's params with the strategy's new
+                     leaves added (under the existing top-level stages); every given leaf comes
+                     back as it is. The plan's masks, groups and counts are over this tree, and
+                     `Plan.init_state` adds the leaves (a fixed rng from config.seed). `ctx.params`
+                     is the model's plain (abstract) tree here, the extended one everywhere else.
+    apply_params     fn(ctx, params) -> params: the tree the model is applied to (LoRA: kernels
+                     merged, its factors dropped); `Plan.model` wraps the model to apply it
+    model_fields     fn(ctx) -> {field: value}: module fields the model runs with (hooks that
+                     default off: the ViT's adapter_dim, num_prompts); `Plan.model` clones with them
     """
 
     name: str
@@ -90,6 +100,9 @@ class Strategy:
     hook: Callable[[Context], Callable] | None = None
     config_defaults: dict = dataclasses.field(default_factory=dict)
     from_scratch: bool = False
+    init_params: Callable[[Context, Any, Any], Any] | None = None
+    apply_params: Callable[[Context, Any], Any] | None = None
+    model_fields: Callable[[Context], dict] | None = None
 
     def knob_config(self, values: dict | None = None) -> ml_collections.ConfigDict:
         """The strategy's config block: its knobs at their defaults, updated by `values`."""

@@ -6,12 +6,14 @@ builds a run's optimizer, state and train step from a config and a model.
     state = plan.init_state(variables)
     step = jax.jit(plan.train_step(model))
 
-Each phase is one optimizer and one compilation.
+Each phase is one optimizer and one compilation. A strategy that adds parameters (LoRA, adapters,
+prompts) has them added by `init_state`, and `model` returns the model as the strategy runs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -59,6 +61,12 @@ class Plan:
     lr_mult: Any  # static per-leaf multipliers (Python floats), None when there are none
     loss_terms: tuple
     hook: Any  # fn(StepInfo, state) -> state, or None
+    extend: Any = None  # fn(params) -> params with the strategy's new leaves, or None
+
+    @property
+    def params(self):
+        """The (abstract) tree the run trains: the model's params plus the strategy's leaves."""
+        return self.ctx.params
 
     @property
     def name(self) -> str:
@@ -70,6 +78,8 @@ class Plan:
     def init_state(self, variables, phase: int = 0) -> dict:
         """A fresh run state {params, batch_stats, opt_state, step} for `variables` in `phase`."""
         params = variables["params"]
+        if self.extend is not None and not _same_structure(params, self.ctx.params):
+            params = self.extend(params)
         return {
             "params": params,
             "batch_stats": variables.get("batch_stats", {}),
@@ -86,7 +96,25 @@ class Plan:
         return {**state, "opt_state": opt_state}
 
     def model(self, model, phase: int = 0):
-        return model.clone(frozen_bn=self.phases[phase].frozen_bn)
+        """`model` as the step of `phase` runs it: the phase's BatchNorm policy, the strategy's
+        module fields, and its `apply_params` between the run's params and the module."""
+        fields = self.strategy.model_fields(self.ctx) if self.strategy.model_fields else {}
+        try:
+            m = model.clone(frozen_bn=self.phases[phase].frozen_bn, **fields)
+        except TypeError:
+            raise ValueError(
+                f"strategy {self.name!r} runs the model with fields {fields}, which "
+                f"{type(model).__name__} does not have (tlx.models.vit.ViT has them)"
+            ) from None
+        if self.strategy.apply_params is None:
+            return m
+        return StrategyModel(m, functools.partial(self.strategy.apply_params, self.ctx))
+
+    def model_params(self, params):
+        """The tree the model is applied to for the run's `params` (LoRA: merged kernels)."""
+        if self.strategy.apply_params is None:
+            return params
+        return self.strategy.apply_params(self.ctx, params)
 
     def train_step(self, model, phase: int = 0, axis_name=None):
         """The (uncompiled) train step of `phase` for `model` (the phase's BatchNorm policy is
@@ -100,6 +128,57 @@ class Plan:
             label_smoothing=self.ctx.config.optim.label_smoothing,
             axis_name=axis_name,
         )
+
+
+class StrategyModel:
+    """A Flax model whose params pass through `fn` (a strategy's `apply_params`) before it runs:
+    `.apply(variables, x, ...)` and `.clone(**fields)` as the module's, anything else delegated."""
+
+    def __init__(self, module, fn):
+        self.module, self.fn = module, fn
+
+    def apply(self, variables, *args, **kwargs):
+        return self.module.apply(
+            {**variables, "params": self.fn(variables["params"])}, *args, **kwargs
+        )
+
+    def clone(self, **fields):
+        return StrategyModel(self.module.clone(**fields), self.fn)
+
+    def __getattr__(self, name):
+        if name in ("module", "fn"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+
+# The stream of jax.random.key(config.seed) that a strategy's new parameters are drawn from.
+_PARAMS_STREAM = 0x7E4F7
+
+
+def _same_structure(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b)
+
+
+def _extender(strategy: base.Strategy, ctx: base.Context):
+    """(fn(params) -> extended params, the extended abstract tree), checking that the strategy
+    returns every leaf it was given, unchanged in shape, and adds leaves under existing stages."""
+    rng = jax.random.fold_in(jax.random.key(int(ctx.config.seed)), _PARAMS_STREAM)
+
+    def extend(params):
+        return strategy.init_params(ctx, params, rng)
+
+    extended = jax.eval_shape(extend, ctx.params)
+    before = dict(zip(freeze.leaf_paths(ctx.params), jax.tree.leaves(ctx.params), strict=True))
+    after = dict(zip(freeze.leaf_paths(extended), jax.tree.leaves(extended), strict=True))
+    lost = [p for p in before if p not in after or after[p].shape != before[p].shape]
+    if lost:
+        raise ValueError(f"strategy {strategy.name!r}: init_params dropped or reshaped {lost}")
+    if set(extended) != set(ctx.params):
+        raise ValueError(
+            f"strategy {strategy.name!r}: init_params added top-level modules "
+            f"{sorted(set(extended) - set(ctx.params))}; put new leaves under stem/stageK/head"
+        )
+    return extend, extended
 
 
 def _phases(strategy: base.Strategy, ctx: base.Context) -> list[freeze.Phase]:
@@ -124,6 +203,10 @@ def plan(config, variables, steps_per_epoch: int = 1, from_checkpoint: bool = Tr
     freeze.check(config.freeze)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     ctx = base.Context(config, knobs, params, batch_stats, int(steps_per_epoch))
+    extend = None
+    if strategy.init_params is not None:  # masks, groups and counts over the extended tree
+        extend, params = _extender(strategy, ctx)
+        ctx = dataclasses.replace(ctx, params=params)
     ocfg, bn = config.optim, config.freeze.bn
     total = ctx.total_steps
 
@@ -186,6 +269,7 @@ def plan(config, variables, steps_per_epoch: int = 1, from_checkpoint: bool = Tr
         lr_mult=lr_mult,
         loss_terms=(strategy.loss(ctx),) if strategy.loss else (),
         hook=strategy.hook(ctx) if strategy.hook else None,
+        extend=extend,
     )
 
 
