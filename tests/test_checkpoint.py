@@ -1,6 +1,7 @@
 """Checkpoints: exact save/restore, strict init_from into a new head, clear errors."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +112,32 @@ def test_find_state_dir_accepts_workdir_checkpoints_and_step(tmp_path):
 def test_write_report(tmp_path):
     checkpoint.write_report(str(tmp_path), {"loaded": ["a"]})
     assert json.loads((tmp_path / "load_report.json").read_text()) == {"loaded": ["a"]}
+
+
+def test_reading_a_runs_variables_prints_no_orbax_metadata_warning(tmp_path, caplog):
+    save_run(tmp_path, variables())
+    with caplog.at_level(logging.WARNING):
+        checkpoint.read_variables(str(tmp_path))
+    assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]
+
+
+def test_metrics_are_truncated_to_the_checkpoint_step_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1}, {"step": 2}, {"step": 2, "split": "val"}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
+    checkpoint.truncate_metrics(str(path), 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:3]
+    checkpoint.truncate_metrics(str(path), 2, final_splits=("val",))  # killed after its last save
+    assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:2]
+
+
+def test_a_changed_config_is_refused_naming_the_fields_unless_forced(tmp_path):
+    old = {"seed": 0, "optim": {"lr": 0.1, "name": "sgd"}, "progress": True, "config_version": 2}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    new = {**old, "optim": {"lr": 0.2, "name": "sgd"}, "progress": False}  # progress: ignored
+    assert checkpoint.check_resume(str(tmp_path), dict(old, progress=False), "ckpt") == ([], False)
+    with pytest.raises(checkpoint.ResumeMismatch, match=r"resume ckpt: .*optim.lr: 0.1 -> 0.2"):
+        checkpoint.check_resume(str(tmp_path), new, "ckpt")
+    history, changed = checkpoint.check_resume(str(tmp_path), new, "ckpt", resume="force")
+    assert changed and history[0]["changed"] == {"optim.lr": [0.1, 0.2]}
+    assert checkpoint.check_resume(str(tmp_path), new, None) == ([], False)  # no state: start over

@@ -5,6 +5,7 @@ plain orbax) and `data` (the input iterator's position, JSON).
 """
 
 import json
+import logging
 import os
 import re
 import time
@@ -16,6 +17,15 @@ import orbax.checkpoint as ocp
 from tlx import freeze, rundir
 
 RESUME_MODES = ("auto", "force")
+
+
+def _not_step_metadata(record: logging.LogRecord) -> bool:
+    """Drops orbax's warning that a `state` item has no _CHECKPOINT_METADATA: that file lives in
+    the step directory above it, so every read of a run's variables (init_from) printed it."""
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_not_step_metadata)
 
 
 class InitError(ValueError):
