@@ -2,6 +2,7 @@
 and against a forward-only pass of the same batch.
 
   python experiments/bench_freeze.py [--models resnet_tiny,resnet18] [--batch 64] [--repeats 7]
+  python experiments/bench_freeze.py --models vit_ti4 --strategies none,linear_probe,lora
 
 The tlx step is what `train.run` compiles (`strategies.plan(...).train_step`: multi_transform
 over the optimizer groups, set_to_zero for frozen leaves, the strategy's transforms). The bare
@@ -9,8 +10,10 @@ step is the same math written directly: the gradient of the trainable leaves onl
 `optax.adamw` over them, the strategy's multipliers and L2-SP term by hand. Steps are interleaved
 (one of each per round) so machine noise hits all alike; figures are medians. Last lines:
 `over_bare=` per strategy (tlx / bare, aim <= 1.05), `none_over_scratch=` (images/s of
-strategy=none over scratch, aim >= 0.95) and `linear_probe_over_forward=` (XLA prunes the frozen
-backward: close to 1).
+strategy=none over scratch, aim >= 0.95), `linear_probe_over_forward=` (XLA prunes the frozen
+backward: close to 1) and, for the PEFT strategies (lora, bitfit, adapter, vpt), `S_over_none=`
+(their step over full fine-tuning's). A strategy that adds parameters (LoRA's factors) trains
+them in the bare step too, the model running as the plan runs it (`plan.model`).
 """
 
 import argparse
@@ -30,6 +33,7 @@ STRATEGIES = (
     "none linear_probe freeze_most freeze_early freeze_stages gradual_unfreeze layer_decay lp_ft "
     "l2_sp surgical auto_rgn scratch"
 ).split()
+PEFT = ("lora", "bitfit", "adapter", "vpt")
 
 
 def setup(name, strategy, batch, size, classes):
@@ -37,9 +41,9 @@ def setup(name, strategy, batch, size, classes):
         f"configs/finetune.py:backbone={name},strategy={strategy},steps=1000,"
         f"batch_size={batch},image_size={size}"
     )
-    model = models.build(name, classes, stem="cifar")
+    model = models.build(name, classes, stem=c.model.stem or None)
     x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
-    variables = model.init(jax.random.key(0), x[:1], train=False)
+    variables = {"batch_stats": {}, **model.init(jax.random.key(0), x[:1], train=False)}
     plan = strategies.plan(c, variables, steps_per_epoch=100, from_checkpoint=True)
     return c, model, variables, plan, {"image": x, "label": jnp.arange(batch) % classes}
 
@@ -62,12 +66,13 @@ def build_tlx(c, model, variables, plan, batch):
 def build_bare(c, model, variables, plan, batch):
     """The same trainable set and math, without tlx: no multi_transform, no labels."""
     mask = plan.phases[0].mask
-    paths = freeze.leaf_paths(variables["params"])
-    flat = dict(zip(paths, jax.tree.leaves(variables["params"]), strict=True))
+    params = plan.init_state(variables)["params"]  # with a strategy's new leaves
+    paths = freeze.leaf_paths(params)
+    flat = dict(zip(paths, jax.tree.leaves(params), strict=True))
     is_frozen = dict(zip(paths, jax.tree.leaves(mask), strict=True))
     trainable = {p: v for p, v in flat.items() if not is_frozen[p]}
     frozen = {p: v for p, v in flat.items() if is_frozen[p]}
-    treedef = jax.tree.structure(variables["params"])
+    treedef = jax.tree.structure(params)
     mults = dict(zip(paths, jax.tree.leaves(plan.lr_mult), strict=True)) if plan.lr_mult else {}
     l2 = strategies.knobs_of(c) if c.strategy.name == "l2_sp" else None
     o = c.optim
@@ -87,7 +92,7 @@ def build_bare(c, model, variables, plan, batch):
                 {"params": params, "batch_stats": bs}, batch["image"], train=True,
                 mutable=["batch_stats"],
             )  # fmt: skip
-            return cross_entropy(logits, batch["label"]), new["batch_stats"]
+            return cross_entropy(logits, batch["label"]), new.get("batch_stats", {})
 
         (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(tr)
         if l2 is not None:
@@ -162,6 +167,8 @@ def main():
             lines.append(
                 f"{name}: linear_probe_over_forward={t['linear_probe'] / t['forward']:.3f}"
             )
+        for s in (s for s in PEFT if s in names and "none" in names):
+            lines.append(f"{name}: {s}_over_none={t[s] / t['none']:.3f}")
     print("\n".join(lines))
     np.testing.assert_(all(np.isfinite(list(t.values()))))
 
