@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench pretrained ablations clean
+.PHONY: demo test lint bench pretrained ray ablations clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ $(PRETRAINED_STAMP): $(STAMP) requirements-pretrained.txt
 	touch $(PRETRAINED_STAMP)
 
 pretrained: $(PRETRAINED_STAMP)
+
+# The optional extra for sweeps on a Ray cluster (tlx.sweep --launcher=ray); CI installs it.
+RAY_STAMP := $(VENV)/.ray
+$(RAY_STAMP): $(STAMP) requirements-ray.txt
+	$(PY) -m pip install -q -r requirements-ray.txt
+	touch $(RAY_STAMP)
+
+ray: $(RAY_STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_freeze.py

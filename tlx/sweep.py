@@ -2,6 +2,7 @@
 DIR/results.csv, then the report (tables and plots) of `tlx.report`.
 
   python -m tlx.sweep --config=configs/quadrants.py[:ARGS] --workdir=DIR [--parallel=N]
+      [--launcher=ray --ray_address=HEAD:6379 --ray_gpus_per_run=1]
 
 A study file declares `get_sweep(arg) -> list[cell]` beside `get_config`. A cell is a dict:
 
@@ -20,28 +21,26 @@ Every run lives in DIR/runs/HASH, HASH being that of its resolved config (with `
 by the hash of the run it starts from, so the hash doesn't depend on where DIR is). A run with a
 summary.json is finished and is read, not trained; an interrupted one resumes from its checkpoint
 (`tlx.train.run` does that); runs of different configs never share a directory. Cells run in
-dependency order, one at a time in this process or N at a time in worker processes.
+dependency order, one at a time in this process, N at a time in worker processes, or as tasks on a
+Ray cluster (`tlx.launchers`). Several sweeps on one directory (a SLURM job array, say: each
+task runs the same command) share its runs through the per-run lock: each run is trained once.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import csv
-import ctypes
 import fcntl
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import time
 
-from tlx import rundir
+from tlx import launchers, rundir
 
 # Keys of a resolved config that don't change what a run computes: left out of its hash.
 HASH_IGNORE = rundir.IGNORE
@@ -277,16 +276,6 @@ def enable_compilation_cache() -> str:
     return path
 
 
-def _worker_init():
-    """In a worker process: die with the runner (Linux), quiet logs."""
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the runner died before prctl took effect
-        os._exit(1)
-    _prepare_process()
-
-
 def _prepare_process():
     from absl import logging
 
@@ -295,20 +284,10 @@ def _prepare_process():
     logging.set_verbosity(logging.ERROR)
 
 
-class _Inline(cf.Executor):
-    """An executor that runs each task on submit, in this process: --parallel=1."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        future = cf.Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-            future.set_exception(e)
-        return future
-
-
 # -- the sweep -------------------------------------------------------------------------------------
-def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
+def run_sweep(
+    spec, workdir: str, parallel: int = 1, log=print, launcher: str = "local", **ray_options
+) -> list[dict]:
     """Run (or finish) the study `spec` in `workdir`; returns the rows of results.csv. `spec`: a
     study file spec ('configs/quadrants.py:tiny') or a list of cells (e.g. from a notebook)."""
     cells = load_study(spec) if isinstance(spec, str) else check_cells(spec)
@@ -389,13 +368,9 @@ def run_sweep(spec, workdir: str, parallel: int = 1, log=print) -> list[dict]:
                 "trials": summaries,
             }
 
-    if parallel > 1:
-        context = multiprocessing.get_context("spawn")  # JAX and fork don't mix
-        executor = cf.ProcessPoolExecutor(parallel, mp_context=context, initializer=_worker_init)
-    else:
-        _prepare_process()
-        executor = _Inline()
-    log(f"[sweep] {spec}: {len(cells)} cells -> {workdir} (parallel={parallel})")
+    executor = launchers.make(launcher, parallel, _prepare_process, **ray_options)
+    where = f"ray {ray_options.get('address') or '(local)'}" if launcher == "ray" else parallel
+    log(f"[sweep] {spec}: {len(cells)} cells -> {workdir} (parallel={where})")
     try:
         while True:
             before = (len(trials), len(chosen))
@@ -513,8 +488,19 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes")
     ap.add_argument("--no_report", action="store_true", help="results.csv only, no tables/plots")
+    ap.add_argument("--launcher", default="local", choices=launchers.LAUNCHERS)
+    ap.add_argument("--ray_address", default="", help="a Ray cluster ('' starts a local one)")
+    ap.add_argument("--ray_cpus_per_run", type=float, default=1.0)
+    ap.add_argument("--ray_gpus_per_run", type=float, default=0.0)
     args = ap.parse_args(argv)
-    rows = run_sweep(args.config, args.workdir, args.parallel)
+    ray_options = {}
+    if args.launcher == "ray":
+        ray_options = dict(
+            address=args.ray_address, cpus=args.ray_cpus_per_run, gpus=args.ray_gpus_per_run
+        )
+    rows = run_sweep(
+        args.config, args.workdir, args.parallel, launcher=args.launcher, **ray_options
+    )
     if not args.no_report and rows:
         from tlx import report
 
