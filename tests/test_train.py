@@ -50,6 +50,10 @@ def test_run_directory_contract(pretrained):
     }
     assert summary["test_accuracy"] > 0.5  # 6 classes: chance is 0.17
     assert checkpoint.find_state_dir(workdir).endswith("checkpoints/60/state")
+    prov = summary["provenance"]  # what it ran on, outside the config (not in the run's hash)
+    assert prov["packages"]["jax"] == jax.__version__ and prov["backend"] == jax.default_backend()
+    assert {"commit", "dirty", "cpu", "devices", "xla_flags"} <= set(prov)
+    assert "provenance" not in json.load(open(os.path.join(workdir, "config.json")))
 
 
 def test_finetuning_on_digits_from_pretrained_beats_chance_by_far(pretrained, tmp_path):

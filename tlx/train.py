@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from tlx import checkpoint, data, features, fewshot, freeze, models, rundir, strategies
+from tlx import checkpoint, data, features, fewshot, freeze, models, provenance, rundir, strategies
 from tlx import step as step_lib
 from tlx.parallel import Runner
 
@@ -217,6 +217,8 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
             _evaluate(eval_step, runner, state, dataset, ("val",), eval_batch_size, step, log)
         if saves:
             ckpt.save(step, runner.get_state(state), train_iter.get_state())
+            if os.environ.get(PAUSE_AFTER_SAVE) == str(step):
+                _pause(ckpt, workdir, step)
     bar.close()
     if pending is not None:
         _check_finite(*pending, runner, ckpt, config)
@@ -234,6 +236,7 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         resumed_from=resumed_from,
         images_per_s=statistics.median(rates) if rates else None,
         wall_s=time.time() - t_start,
+        provenance=provenance.collect(),
     )
     # Written last and atomically: a summary.json that exists marks a finished run.
     _write_json(os.path.join(workdir, "summary.json"), summary)
@@ -272,6 +275,19 @@ def _check_finite(step, metrics, runner, ckpt, config) -> None:
         f"step {step}: {what} (optim.lr={config.optim.lr}, optim.head_lr={config.optim.head_lr}); "
         f"the run stopped, {kept}: lower the learning rate or set optim.clip_norm"
     )
+
+
+# For kill -9 tests (tests/test_resume.py): after saving this step, wait for the save, write
+# WORKDIR/.paused and sleep, so that the test's SIGKILL lands at a known point.
+PAUSE_AFTER_SAVE = "TLX_TEST_PAUSE_AFTER_SAVE"
+
+
+def _pause(ckpt, workdir: str, step: int) -> None:
+    ckpt.wait()
+    with open(os.path.join(workdir, ".paused"), "w") as f:
+        f.write(str(step))
+    while True:
+        time.sleep(60)
 
 
 FAILED = "failed.json"  # a run that stopped with an error says so: {status, error, type, time}
