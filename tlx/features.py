@@ -11,7 +11,6 @@ Batches come in the order the image path would see them, so the head trains on t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -90,7 +89,10 @@ def cache_key(config, params, batch_stats) -> str:
         h.update(f"{freeze.path_str(p)}:{x.dtype}:{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     d = config.data.to_dict()
-    d.pop("augment"), d.pop("data_dir")
+    # What changes no feature value: augmentation (off here), where and how the data is read.
+    for k in ("augment", "data_dir", "in_memory", "workers"):
+        d.pop(k, None)
+    d.get("fractaldb", {}).pop("workers", None)
     h.update(json.dumps([d, config.model.to_dict()], sort_keys=True).encode())
     return h.hexdigest()[:32]
 
@@ -185,20 +187,10 @@ class FeatureDataset:
             raise ValueError(
                 f"batch_size={batch_size} needs 1..{n} (train examples of {self.name})"
             )
-        # The image pipeline's shuffle (tlx.data.pipeline: the same seed derivation and order).
-        shuffle_seed, _ = np.random.SeedSequence([seed, 0x71C]).generate_state(2)
         local = batch_size // process_count
         rows = slice(process_index * local, (process_index + 1) * local)
-        ds = (
-            grain.MapDataset.range(n // batch_size)
-            .repeat()
-            .map_with_index(
-                functools.partial(
-                    pipeline._batch_indices, n=n, batch_size=batch_size, seed=int(shuffle_seed)
-                )
-            )
-            .map(lambda idx: self._batch(idx[rows]))
-        )
+        positions, _ = pipeline.shuffled_batches(n, batch_size, seed)  # the image path's order
+        ds = positions.map(lambda idx: self._batch(idx[rows]))
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
 
     def _batch(self, idx) -> dict:
@@ -206,12 +198,5 @@ class FeatureDataset:
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[dict]:
         x, y = self.features[split], self.labels[split]
-        for start in range(0, len(y), batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            real = len(yb)
-            mask = np.zeros(batch_size, np.float32)
-            mask[:real] = 1.0
-            if real < batch_size:
-                xb = np.concatenate([xb, np.zeros((batch_size - real, *xb.shape[1:]), xb.dtype)])
-                yb = np.concatenate([yb, np.zeros(batch_size - real, yb.dtype)])
+        for xb, yb, mask in pipeline.padded_batches(x, y, batch_size):
             yield {"image": xb, "label": yb, "mask": mask}

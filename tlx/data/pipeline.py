@@ -107,18 +107,11 @@ class Dataset:
             )
         if batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} not divisible by {process_count} processes")
-        shuffle_seed, augment_seed = np.random.SeedSequence([seed, 0x71C]).generate_state(2)
+        positions, augment_seed = shuffled_batches(n, batch_size, seed)
         local = batch_size // process_count
         rows = slice(process_index * local, (process_index + 1) * local)
-        ds = (
-            grain.MapDataset.range(n // batch_size)  # one epoch of batch positions
-            .repeat()  # infinite; the index seen downstream counts batches since the start
-            .map_with_index(
-                functools.partial(
-                    _batch_indices, n=n, batch_size=batch_size, seed=int(shuffle_seed)
-                )
-            )
-            .random_map(functools.partial(self._train_batch, rows=rows), seed=int(augment_seed))
+        ds = positions.random_map(
+            functools.partial(self._train_batch, rows=rows), seed=augment_seed
         )
         return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
@@ -144,16 +137,37 @@ class Dataset:
         """
         if split not in self.images:
             raise ValueError(f"unknown split {split!r}; have {sorted(self.images)}")
-        images, labels = self.images[split], self.labels[split]
-        for start in range(0, len(labels), batch_size):
-            x, y = images[start : start + batch_size], labels[start : start + batch_size]
-            real = len(y)
-            mask = np.zeros(batch_size, np.float32)
-            mask[:real] = 1.0
-            if real < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]), x.dtype)])
-                y = np.concatenate([y, np.zeros(batch_size - real, y.dtype)])
+        for x, y, mask in padded_batches(self.images[split], self.labels[split], batch_size):
             yield {"image": ops.normalize(x, self.normalize), "label": y, "mask": mask}
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> tuple[grain.MapDataset, int]:
+    """The training order every input path shares (in memory, streaming, cached features): an
+    infinite MapDataset of global batches of example indices (a fresh permutation per epoch, the
+    remainder dropped), and the seed of the augmentation drawn for them."""
+    shuffle_seed, augment_seed = np.random.SeedSequence([seed, 0x71C]).generate_state(2)
+    ds = (
+        grain.MapDataset.range(n // batch_size)  # one epoch of batch positions
+        .repeat()  # infinite; the index seen downstream counts batches since the start
+        .map_with_index(
+            functools.partial(_batch_indices, n=n, batch_size=batch_size, seed=int(shuffle_seed))
+        )
+    )
+    return ds, int(augment_seed)
+
+
+def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """(x, y, mask) batches of exactly `batch_size` rows in order; the last is padded with zeros
+    (label 0) and `mask` (f32) is 1 for real rows, 0 for padding."""
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        real = len(yb)
+        mask = np.zeros(batch_size, np.float32)
+        mask[:real] = 1.0
+        if real < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - real, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros(batch_size - real, yb.dtype)])
+        yield xb, yb, mask
 
 
 @functools.lru_cache(maxsize=4)

@@ -455,7 +455,7 @@ class StreamingDataset:
             )
         if batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} not divisible by {process_count} processes")
-        shuffle_seed, augment_seed = np.random.SeedSequence([seed, 0x71C]).generate_state(2)
+        positions, augment_seed = pipeline.shuffled_batches(n, batch_size, seed)
         local = batch_size // process_count
         make_batch = TrainBatch(
             preprocess=self._preprocess("train", train=True),
@@ -465,17 +465,7 @@ class StreamingDataset:
             flip=self.flip,
             normalize=self.normalize,
         )
-        ds = (
-            grain.MapDataset.range(n // batch_size)
-            .repeat()
-            .map_with_index(
-                functools.partial(
-                    pipeline._batch_indices, n=n, batch_size=batch_size, seed=int(shuffle_seed)
-                )
-            )
-            .random_map(make_batch, seed=int(augment_seed))
-        )
-        return StreamIterator(ds, self.workers)
+        return StreamIterator(positions.random_map(make_batch, seed=augment_seed), self.workers)
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[dict]:
         """As `pipeline.Dataset.eval_batches`: one pass in a fixed order, the last batch padded,
