@@ -141,3 +141,49 @@ def test_a_changed_config_is_refused_naming_the_fields_unless_forced(tmp_path):
     history, changed = checkpoint.check_resume(str(tmp_path), new, "ckpt", resume="force")
     assert changed and history[0]["changed"] == {"optim.lr": [0.1, 0.2]}
     assert checkpoint.check_resume(str(tmp_path), new, None) == ([], False)  # no state: start over
+
+
+def _corrupt(step_dir, how):
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != "tlx_sha256.json")
+    target = max(files, key=lambda p: p.stat().st_size)  # the largest: array data
+    if how == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+        target.write_bytes(bytes(data))
+    elif how == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:  # delete the metadata file
+        (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "metadata"])
+def test_a_corrupt_latest_step_falls_back_to_the_newest_good_one(tmp_path, how, capsys):
+    ck = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+    v = variables()
+    for step in (1, 2, 3):
+        ck.save(step, {"params": v["params"], "step": np.int32(step)}, {"position": step})
+    ck.close()
+    _corrupt(tmp_path / "checkpoints" / "3", how)
+    ck = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+    assert ck.good_step() == 2
+    assert "checkpoints/3 is corrupt" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "3.corrupt").is_dir() and ck.latest_step() == 2
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            {"params": v["params"], "step": np.int32(0)})  # fmt: skip
+    restored, data = ck.restore(2, abstract)
+    assert data == {"position": 2}
+    ck.close()
+
+
+@pytest.mark.parametrize("how", ["flip", "metadata"])
+def test_init_from_a_run_with_a_corrupt_step_reads_the_newest_good_one(tmp_path, how, capsys):
+    save_run(tmp_path, variables(), step=3)
+    save_run(tmp_path, variables(seed=1), step=7)
+    _corrupt(tmp_path / "checkpoints" / "7", how)
+    assert checkpoint.find_state_dir(str(tmp_path)).endswith("checkpoints/3/state")
+    assert "checkpoints/7 is corrupt" in capsys.readouterr().err
+    with pytest.raises(checkpoint.InitError, match="checkpoints/7 is corrupt"):
+        checkpoint.read_variables(str(tmp_path / "checkpoints" / "7"))  # named: no fallback
+    got = flat(checkpoint.read_variables(str(tmp_path)))
+    want = flat(variables())
+    assert all(np.array_equal(got[k], want[k]) for k in want)

@@ -4,10 +4,12 @@ A checkpoint step holds two items: `state` ({params, batch_stats, opt_state, ste
 plain orbax) and `data` (the input iterator's position, JSON).
 """
 
+import hashlib
 import json
 import logging
 import os
 import re
+import sys
 import time
 
 import jax
@@ -41,17 +43,46 @@ class Checkpointer:
 
     def __init__(self, workdir: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.manager = ocp.CheckpointManager(
+        self.max_to_keep = max_to_keep
+        self.manager = self._manager()
+        self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
+
+    def _manager(self):
+        return ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def good_step(self, log=None) -> int | None:
+        """The newest step whose files match their checksums; newer corrupt steps are moved
+        aside (to N.corrupt), each named in a warning."""
+        log = log or (lambda m: print(m, file=sys.stderr))
+        moved = False
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            path = os.path.join(self.directory, str(step))
+            problem = verify(path)
+            if problem is None:
+                break
+            log(f"[tlx] checkpoint {path} is corrupt ({problem}): moved to {path}.corrupt, "
+                "resuming from the step before it")  # fmt: skip
+            os.replace(path, f"{path}.corrupt")
+            moved = True
+        else:
+            step = None
+        if moved:
+            self.manager.close()
+            self.manager = self._manager()
+        return step
+
     def save(self, step: int, state: dict, data_state: dict) -> None:
         # Orbax writes into a temporary directory and renames it when complete, so an
-        # interrupted save never leaves a half-written step that a restore would read.
+        # interrupted save never leaves a half-written step that a restore would read. The
+        # step's checksums follow once it is complete (at the next save or wait).
+        self._write_checksums()
+        self._unsummed.append(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -77,11 +108,66 @@ class Checkpointer:
             ) from None
         return out["state"], out["data"]
 
-    def wait(self) -> None:
+    def _write_checksums(self) -> None:
         self.manager.wait_until_finished()
+        for step in self._unsummed:
+            path = os.path.join(self.directory, str(step))
+            if os.path.isdir(path):  # not rotated away meanwhile
+                write_checksums(path)
+        self._unsummed = []
+
+    def wait(self) -> None:
+        self._write_checksums()
 
     def close(self) -> None:
+        self._write_checksums()
         self.manager.close()
+
+
+CHECKSUMS = "tlx_sha256.json"  # in each step directory: {relative path: sha256} of its files
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    out = []
+    for top, _, files in os.walk(step_dir):
+        out += [os.path.relpath(os.path.join(top, n), step_dir) for n in files if n != CHECKSUMS]
+    return sorted(out)
+
+
+def write_checksums(step_dir: str) -> None:
+    sums = {rel: _sha256(os.path.join(step_dir, rel)) for rel in _files(step_dir)}
+    tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(sums, f, indent=0)
+    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify(step_dir: str) -> str | None:
+    """What is wrong with a step directory's files against its checksums, or None. A step
+    without checksums (written by an older tlx, or killed between its save and its checksums)
+    passes: orbax finalised it."""
+    try:
+        with open(os.path.join(step_dir, CHECKSUMS)) as f:
+            sums = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, OSError) as e:
+        return f"unreadable {CHECKSUMS}: {e}"
+    for rel, want in sums.items():
+        path = os.path.join(step_dir, rel)
+        if not os.path.exists(path):
+            return f"{rel} is missing"
+        if _sha256(path) != want:
+            return f"{rel} differs from its checksum"
+    return None
 
 
 # -- resume: the run a directory holds against the one asked for ---------------------------------
@@ -190,8 +276,10 @@ def find_state_dir(path: str) -> str:
             "such as 'imagenet'."
         )
     if os.path.exists(os.path.join(path, "_METADATA")) or os.path.basename(path) == "state":
+        _check_step(os.path.dirname(path))
         return path
     if os.path.isdir(os.path.join(path, "state")):
+        _check_step(path)
         return os.path.join(path, "state")
     ckpt_dir = (
         os.path.join(path, "checkpoints")
@@ -199,19 +287,34 @@ def find_state_dir(path: str) -> str:
         else path
     )
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    for step in reversed(steps):  # the newest step whose files match their checksums
+        problem = verify(os.path.join(ckpt_dir, str(step)))
+        if problem is None:
+            return os.path.join(ckpt_dir, str(step), "state")
+        print(f"[tlx] checkpoint {ckpt_dir}/{step} is corrupt ({problem}): using the step "
+              "before it", file=sys.stderr)  # fmt: skip
     if not steps:
         raise FileNotFoundError(
             f"init_from={path!r} holds no finished checkpoint (looked in {ckpt_dir}). "
             "Did the pre-training run finish? Unfinished saves end in .orbax-checkpoint-tmp."
         )
-    return os.path.join(ckpt_dir, str(steps[-1]), "state")
+    raise InitError(f"init_from={path!r}: every checkpoint in {ckpt_dir} is corrupt")
+
+
+def _check_step(step_dir: str) -> None:
+    problem = verify(step_dir)
+    if problem is not None:
+        raise InitError(f"checkpoint {step_dir} is corrupt ({problem})")
 
 
 def read_variables(path: str) -> dict:
     """`params` and `batch_stats` (numpy) of a checkpoint, without its optimizer state."""
     state_dir = find_state_dir(path)
     ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(state_dir).item_metadata.tree
+    metadata = ckptr.metadata(state_dir)
+    if metadata is None or getattr(metadata, "item_metadata", None) is None:
+        raise InitError(f"{state_dir} has no readable metadata (_METADATA): not a whole checkpoint")
+    tree = metadata.item_metadata.tree
     if "params" not in tree:
         raise InitError(f"{state_dir} has no 'params' at the top of its tree: {list(tree)}")
     target = {

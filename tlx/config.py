@@ -410,6 +410,8 @@ def parse_value(text: str, old, key: str):
 
     if isinstance(old, list | tuple):
         stripped = text.strip()
+        if stripped.startswith("(") and stripped.endswith(")"):  # a tuple as Python writes it
+            stripped = "[" + stripped[1:-1].rstrip().rstrip(",") + "]"
         if stripped.startswith("["):
             try:
                 items = json.loads(stripped)

@@ -45,7 +45,7 @@ def run(config, workdir: str, resume: str = "auto") -> dict:
 def _run(config, workdir: str, resume: str, t_start: float) -> dict:
     tree = json.loads(config.to_json_best_effort())
     ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
-    resumed_from = ckpt.latest_step()
+    resumed_from = ckpt.good_step()
     finished = _read_json(os.path.join(workdir, "summary.json"))
     failed = _read_json(os.path.join(workdir, FAILED))
     where = (
