@@ -10,7 +10,9 @@ what it does):
   gradual_unfreeze (every_epochs, every_steps); layer_decay (decay); lp_ft (lp_fraction);
   l2_sp (alpha, beta, form; weight decay 0); surgical (stage); auto_rgn (batches);
   scratch: the same run from a random init at lr = head_lr = 1e-3 (init_from is ignored; an empty
-    init_from with another strategy trains from scratch too, at lr/head_lr).
+    init_from with another strategy trains from scratch too, at lr/head_lr);
+  parameter-efficient, for ViTs: lora (rank, alpha, targets, mlp), bitfit, adapter (dim, norms),
+    vpt (prompts, deep).
 bn: frozen | train_affine | train_stats | train (BatchNorm in frozen parts).
 augment=false turns crops off; with linear_probe that trains the head on cached features.
 examples_per_class=N subsamples the target's train split (0: all).

@@ -61,11 +61,14 @@ class FeatureHead(nn.Module):
 def applies(config, plan, dataset) -> bool:
     """Whether the run can train on cached features: one phase, every backbone leaf and BatchNorm
     statistic frozen, a trainable Dense head, no augmentation, nothing a strategy adds to the step
-    (multipliers, transforms, loss terms, hooks), and `config.feature_cache` on."""
+    or the model (multipliers, transforms, loss terms, hooks, parameters), and
+    `config.feature_cache` on."""
     s = plan.strategy
     if not config.feature_cache or len(plan.phases) != 1:
         return False
     if plan.lr_mult is not None or s.wrap or s.loss or s.hook:
+        return False
+    if s.init_params or s.apply_params or s.model_fields:  # the model is not the plain backbone
         return False
     if getattr(dataset, "crop_padding", 0) or getattr(dataset, "flip", False):
         return False
