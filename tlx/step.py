@@ -59,6 +59,13 @@ def make_train_step(model, tx, labels, *, loss_terms=(), label_smoothing=0.0, ax
             loss, accuracy = jax.lax.pmean((loss, accuracy), axis_name)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        # Frozen leaves carried over as they were: bit-identical (even -0.0, which p + 0 is not),
+        # and no add or copy for them in the compiled step.
+        flat_new, treedef = jax.tree.flatten(params)
+        flat_old = jax.tree.leaves(state["params"])
+        params = jax.tree.unflatten(
+            treedef, [n if t else o for n, o, t in zip(flat_new, flat_old, trainable, strict=True)]
+        )
         metrics = {
             "loss": loss,
             "accuracy": accuracy,

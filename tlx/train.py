@@ -140,7 +140,7 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
 
     probe = None  # few-shot probes on other targets while the backbone trains
     if config.fewshot.every and config.fewshot.targets:
-        probe = fewshot.make_fewshot_evaluator(config, model)
+        probe = fewshot.make_fewshot_evaluator(config, plan.model(model, phase))
 
     # -- the feature cache: a frozen backbone with no augmentation trains its head on features --
     cache = None
