@@ -38,6 +38,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 
 from tlx import launchers, rundir
@@ -470,15 +471,17 @@ def _row(cell: dict, chosen: dict, cells: list[dict], runs_dir: str) -> dict:
 
 def write_csv(path: str, rows: list[dict]) -> None:
     """Rows (dicts) as CSV with the union of their keys as columns, in first-seen order;
-    written to a temporary file and renamed, so a kill never leaves half a table."""
+    written to a temporary file of its own and renamed, so a kill never leaves half a table and
+    two sweeps finishing together (a job array) each write a whole one."""
     columns = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".results.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
         w.writerows(rows)
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
     os.replace(tmp, path)
 
 
