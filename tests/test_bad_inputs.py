@@ -33,6 +33,7 @@ BASE = [
 
 # (name, config spec, extra args, exit status, regex the one 'tlx.main:' line must match)
 CASES = [
+    ("classes on a non-fractal target", FT + ",classes=5", [], 1, r"classes=5 applies to fractals only, not to 'digits'"),
     ("negative steps", SPEC.replace("steps=4", "steps=-5"), [], 1, r"total_steps=-5: use a value >= 1"),
     ("zero steps", SPEC, ["--config.total_steps=0"], 1, r"total_steps=0"),
     ("zero batch size", SPEC, ["--config.batch_size=0"], 1, r"batch_size=0: use a value >= 1"),

@@ -11,7 +11,14 @@ SOURCE_FRACTAL_CLASSES = 30
 
 
 def set_dataset(d: ml_collections.ConfigDict, name: str, role: str, classes: int = 0) -> None:
-    """Point the data config `d` at dataset `name` used as a `role` ('source' or 'target')."""
+    """Point the data config `d` at dataset `name` used as a `role` ('source' or 'target').
+    `classes` (a number of fractal classes) applies to fractals only: elsewhere it is an error,
+    not silently ignored."""
+    if classes and name != "fractals":
+        raise ValueError(
+            f"config arg classes={classes} applies to fractals only, not to {name!r}: "
+            "drop it (a subset of classes of another dataset is not supported)"
+        )
     d.name = name
     if name in DIGIT_DATASETS or name == "lfw_subset":
         d.augment.flip = False  # a mirrored digit is another symbol; faces are not mirrored here
