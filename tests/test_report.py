@@ -242,3 +242,14 @@ def test_report_writes_tables_and_each_plot_with_the_csv_behind_it(tmp_path):
         ("similar", "small", "agrees"),
         ("different", "large", "agrees"),
     }
+
+
+def test_a_metrics_line_cut_by_a_kill_is_skipped_and_named(tmp_path, capsys):
+    write_fake_sweep(tmp_path)
+    rows, axes = report.read_results(str(tmp_path))
+    path = tmp_path / "runs" / str(rows[0]["run"]) / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 30, "loss": 0.0')  # a kill mid-line
+    curves = report.learning_curves(str(tmp_path), rows, axes)
+    assert {c["step"] for c in curves} == {10, 20}
+    assert f"{path}:3: not JSON, skipped" in capsys.readouterr().err

@@ -391,9 +391,14 @@ def learning_curves(workdir: str, rows: list[dict], axes: Sequence[str]) -> list
         by_step: dict[int, list[dict]] = {}
         for r in group:
             records = {}
-            with open(os.path.join(workdir, "runs", str(r["run"]), "metrics.jsonl")) as f:
-                for line in f:
-                    rec = json.loads(line)
+            path = os.path.join(workdir, "runs", str(r["run"]), "metrics.jsonl")
+            with open(path) as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill: skipped, and said so
+                        print(f"[report] {path}:{number}: not JSON, skipped", file=sys.stderr)
+                        continue
                     if "split" not in rec and "loss" in rec:
                         records[rec["step"]] = rec
             for step, rec in records.items():
