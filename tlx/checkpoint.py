@@ -196,32 +196,33 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, objec
     return out
 
 
-def read_config(workdir: str) -> dict | None:
-    """A run directory's config.json in today's layout (`tlx.config.migrate`), or None."""
-    from tlx import config as tlx_config
-
+def read_config(workdir: str, migrate=None) -> dict | None:
+    """A run directory's config.json, through `migrate` (the caller's `tlx.config.migrate`: an
+    older layout in today's), or None."""
     try:
         with open(os.path.join(workdir, "config.json")) as f:
             tree = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return tlx_config.migrate(tree) if isinstance(tree, dict) else None
+    if not isinstance(tree, dict):
+        return None
+    return migrate(tree) if migrate is not None else tree
 
 
 def check_resume(
-    workdir: str, tree: dict, where: str | None, resume: str = "auto"
+    workdir: str, tree: dict, where: str | None, resume: str = "auto", migrate=None
 ) -> tuple[list, bool]:
     """(the resume history to record in config.json, whether the config changed), once the
     config `tree` (a resolved config as a dict) is checked against the run `workdir` holds.
     `where`: what would be resumed (its latest checkpoint, or the finished run), None when the
-    directory holds no state.
+    directory holds no state; `migrate`: turns the recorded config into today's layout.
 
     A recorded config that differs is refused (ResumeMismatch, one line: the fields and the
     fix) unless `resume='force'`, which adds the change to the history. A directory without state
     starts over, whatever its config.json says."""
     if resume not in RESUME_MODES:
         raise ValueError(f"resume={resume!r}: use one of {list(RESUME_MODES)}")
-    old = read_config(workdir) if where else None
+    old = read_config(workdir, migrate) if where else None
     if old is None:
         return [], False
     history = list(old.get("resume_history", []))

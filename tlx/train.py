@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from tlx import checkpoint, data, features, fewshot, freeze, models, provenance, rundir, strategies
+from tlx import config as tlx_config
 from tlx import step as step_lib
 from tlx.parallel import Runner
 
@@ -31,8 +32,6 @@ def run(config, workdir: str, resume: str = "auto") -> dict:
     A workdir holds one run: resuming it with another config is refused unless resume='force'
     (the change is recorded in config.json's resume_history); a finished run asked again with
     its config is not trained again (its summary is returned). One process per workdir."""
-    from tlx import config as tlx_config
-
     t_start = time.time()
     if not str(workdir).strip():
         raise ValueError("workdir is empty: give the run directory (--workdir=DIR)")
@@ -53,7 +52,7 @@ def _run(config, workdir: str, resume: str, t_start: float) -> dict:
         if resumed_from is not None
         else (workdir if finished is not None else None)
     )
-    history, changed = checkpoint.check_resume(workdir, tree, where, resume)
+    history, changed = checkpoint.check_resume(workdir, tree, where, resume, tlx_config.migrate)
     if not changed and finished is not None:
         print(f"[tlx] {workdir}: finished before with this config; nothing to do", file=sys.stderr)
         ckpt.close()

@@ -36,7 +36,7 @@ _LAZY = {
     "Dataset": "pipeline",
     "DatasetNotPreparedError": "pipeline",
     "default_data_dir": "builders",
-    "load": "pipeline",
+    "load": "loading",
 }
 
 

@@ -196,17 +196,8 @@ def resolve_data_dir(cfg: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(cfg.data_dir) if cfg.data_dir else builders.default_data_dir()
 
 
-def load(cfg: ml_collections.ConfigDict):
-    """The dataset that ``cfg`` (``config.data``, see `tlx.data.default_config`) describes: a
-    `Dataset` (in memory) or a `tlx.data.stream.StreamingDataset`, as ``cfg.in_memory`` decides."""
-    check_config(cfg)
-    from tlx.data import stream  # the streaming path builds on this module
-
-    data_dir = resolve_data_dir(cfg)
-    params = builder_params(cfg)
-    in_memory, reason = stream.choose_path(cfg, open_builder(cfg.name, data_dir, params).info)
-    if not in_memory:
-        return stream.StreamingDataset.open(cfg, data_dir, params, reason)
+def load_in_memory(cfg: ml_collections.ConfigDict, data_dir: str, params: tuple, reason: str):
+    """The in-memory `Dataset` of ``cfg`` (`tlx.data.load` chooses the path)."""
     num_classes, splits = _read_splits(
         cfg.name, data_dir, params, int(cfg.image_size), int(cfg.channels)
     )
