@@ -70,9 +70,7 @@ def applies(config, plan, dataset) -> bool:
         return False
     if s.init_params or s.apply_params or s.model_fields:  # the model is not the plain backbone
         return False
-    if getattr(dataset, "crop_padding", 0) or getattr(dataset, "flip", False):
-        return False
-    if getattr(dataset, "augments", False):  # a pipeline that augments otherwise
+    if dataset.augments:  # crops, flips, Inception crops: the features would differ per epoch
         return False
     setup = plan.phases[0]
     if set(setup.mask) - {"head"} != set(setup.frozen_bn):  # a stage whose statistics train

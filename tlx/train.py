@@ -149,7 +149,11 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
     if data_state is not None:
         train_iter.set_state(data_state)
     state = runner.put_state(state)
-    train_step = runner.train_step(_guarded(plan.train_step(model, phase, runner.axis_name)))
+
+    def compiled_step(phase):  # one compilation per phase
+        return runner.train_step(_guarded(plan.train_step(model, phase, runner.axis_name)))
+
+    train_step = compiled_step(phase)
     eval_step = runner.eval_step(step_lib.make_eval_step(plan.model(model, phase)))
     log = _Log(workdir, config.tensorboard)
 
@@ -167,9 +171,7 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         if plan.index(done) != phase:  # next phase: new groups, new step, carried state
             phase = plan.index(done)
             state = runner.put_state(plan.enter(dict(runner.get_state(state)), phase))
-            train_step = runner.train_step(
-                _guarded(plan.train_step(model, phase, runner.axis_name))
-            )
+            train_step = compiled_step(phase)
         setup = plan.phases[phase]
         if plan.hook is not None:
             info = strategies.StepInfo(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tlx.models.depthwise import pointwise_conv
+from tlx.models.depthwise import _windows, pointwise_conv
 
 Padding = str | int | Sequence[tuple[int, int]]
 IMPLS = ("xla", "fast", "auto")
@@ -79,20 +79,6 @@ def _out_hw(x_shape, kernel_shape, strides, pads):
     return tuple(
         (x_shape[1 + d] + sum(pads[d]) - kernel_shape[d]) // strides[d] + 1 for d in range(2)
     )
-
-
-def _windows(xp, kernel_shape, strides, out_hw):
-    """The kh*kw strided views of the padded input that meet each kernel tap."""
-    kh, kw = kernel_shape[:2]
-    (sh, sw), (ho, wo) = strides, out_hw
-    n, _, _, c = xp.shape
-    return [
-        lax.slice(
-            xp, (0, a, b, 0), (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-        )
-        for a in range(kh)
-        for b in range(kw)
-    ]
 
 
 def im2col_conv(x, kernel, strides, pads):
