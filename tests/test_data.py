@@ -121,6 +121,19 @@ def test_fractals_build_deterministic(data_dir, tmp_path):
     assert path.parts[-2] == "c4_o0_tr10_te5_r32_s0"
 
 
+def test_a_fingerprint_follows_the_data_as_built_not_where_it_lives(
+    data_dir, tmp_path, monkeypatch
+):
+    fp = data.fingerprint(config(data_dir))
+    assert len(fp) == 16 and data.load(config(data_dir)).describe()["fingerprint"] == fp
+    assert data.fingerprint(config(tmp_path / "copy")) == fp  # built again elsewhere: the same
+    assert data.fingerprint(config(data_dir, **{"fractals.num_classes": 3})) != fp
+    render = fractals.render_class
+    # A generator that changed without a VERSION bump: only the records tell.
+    monkeypatch.setattr(fractals, "render_class", lambda *a: np.roll(render(*a), 1, axis=1))
+    assert data.fingerprint(config(tmp_path / "regenerated")) != fp
+
+
 def test_fractal_systems_by_offset_and_seed(data_dir):
     eight = fractals.systems(0, 8)
     assert all(2 <= len(a) <= 4 for a, _ in eight)

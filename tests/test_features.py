@@ -37,12 +37,14 @@ def test_feature_batches_come_in_the_order_of_the_image_batches():
         np.testing.assert_array_equal(f["label"], i["label"])
 
 
-def test_cache_key_changes_with_the_backbone_and_the_preprocessing_only():
+def test_cache_key_changes_with_the_backbone_the_preprocessing_and_the_data_only():
     c = cfg()
     model = models.build("resnet_tiny", 10)
     v = jax.device_get(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)), train=False))
     key = features.cache_key(c, v["params"], v["batch_stats"])
     assert features.cache_key(c, v["params"], v["batch_stats"]) == key
+    # the data as built (`tlx.data.fingerprint`): a regenerated dataset gets features of its own
+    assert features.cache_key(c, v["params"], v["batch_stats"], "0123456789abcdef") != key
     head = {**v["params"], "head": jax.tree.map(lambda x: x + 1, v["params"]["head"])}
     assert features.cache_key(c, head, v["batch_stats"]) == key
     stem = jax.tree.map(lambda x: x, v["params"])

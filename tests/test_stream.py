@@ -65,6 +65,7 @@ def test_streaming_yields_the_in_memory_batches_value_for_value(data_dir, augmen
     memory = data.load(config(data_dir, in_memory="true", **aug))
     streamed = data.load(config(data_dir, in_memory="false", **aug))
     assert memory.describe()["input"]["path"] == "memory"
+    assert memory.describe()["fingerprint"] == streamed.describe()["fingerprint"]
     assert streamed.describe()["input"] == {
         "path": "stream",
         "reason": "data.in_memory=false",

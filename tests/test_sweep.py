@@ -2,6 +2,7 @@
 order, and a sweep killed with SIGKILL that finishes as if it never was."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,91 @@ def test_a_bad_value_in_any_cell_fails_before_any_training(tmp_path, monkeypatch
     monkeypatch.setattr(sweep, "execute", lambda *a: pytest.fail("trained"))
     with pytest.raises(ValueError, match=r"cell a0: config optim.head_lr=-1"):
         sweep.run_sweep(str(tmp_path / "study.py"), str(tmp_path / "out"), log=lambda _: None)
+
+
+FINGERPRINTED = f'''
+def get_sweep(arg=None):
+    return [
+        {{"name": "source", "config": "{PRETRAIN}:steps=2,classes=4,image_size=16"}},
+        {{"name": "ft", "config": "{FINETUNE}:target=digits,steps=2,image_size=16",
+          "init_from": "source", "axes": {{"strategy": "none", "seed": 0}}}},
+    ]
+'''
+
+
+def test_a_finished_run_whose_dataset_changed_is_trained_again_and_its_dependents_too(
+    tmp_path, monkeypatch
+):
+    """summary.json's dataset fingerprint against today's (`tlx.data.fingerprint`, real builds):
+    equal -> read; different -> trained again, the old run kept, one line saying why; a run that
+    starts from a run trained again is trained again too."""
+    from tlx import data, train
+
+    (tmp_path / "study.py").write_text(FINGERPRINTED)
+    trained = []
+
+    def fake_run(config, run_dir):  # what train.run writes, without the training
+        trained.append(config.data.name)
+        os.makedirs(os.path.join(run_dir, "checkpoints", "2"))
+        fp = data.fingerprint(config.data)
+        summary = {"val_accuracy": 0.5, "test_accuracy": 0.5, "wall_s": time.time() % 1000,
+                   "dataset": {"name": config.data.name, "fingerprint": fp}}  # fmt: skip
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        return summary
+
+    monkeypatch.setattr(train, "run", fake_run)
+
+    def sweep_once():
+        logs, trained[:] = [], []
+        sweep.run_sweep(str(tmp_path / "study.py"), str(tmp_path / "out"), log=logs.append)
+        return logs
+
+    sweep_once()
+    assert trained == ["fractals", "digits"]
+    runs = {}  # dataset name -> run directory
+    for path in tmp_path.glob("out/runs/*/summary.json"):
+        runs[json.loads(path.read_text())["dataset"]["name"]] = path.parent
+    logs = sweep_once()
+    assert trained == [] and sum("finished before, read" in line for line in logs) == 2
+
+    def tamper(name):
+        path = runs[name] / "summary.json"
+        s = json.loads(path.read_text())
+        s["dataset"]["fingerprint"], current = "0123456789abcdef", s["dataset"]["fingerprint"]
+        path.write_text(json.dumps(s))
+        return current
+
+    current = tamper("digits")
+    logs = sweep_once()
+    assert trained == ["digits"]  # the source is read, the changed target trained again
+    h = runs["digits"].name
+    (line,) = [line for line in logs if f"{h} trained again" in line]
+    assert (
+        f"{h} trained again: its dataset digits changed (fingerprint 0123456789abcdef in "
+        f"summary.json, {current} as built now); the old run is in runs/{h}/stale/"
+    ) in line
+    (old,) = (runs["digits"] / "stale").iterdir()
+    assert (old / "checkpoints" / "2").is_dir()
+    assert "0123456789abcdef" in (old / "summary.json").read_text()
+    assert "digits changed" in (old / "why.txt").read_text()
+    assert "(1 trained, 1 read; 1 trained again: their data changed)" in logs[-1]
+
+    tamper("fractals")
+    logs = sweep_once()
+    assert trained == ["fractals", "digits"]
+    because = f"the run it starts from, {runs['fractals'].name}, was trained again"
+    assert any(f"{runs['digits'].name} trained again: {because}" in line for line in logs)
+    sweep_once()
+    assert trained == []  # settled: both read
+
+
+def test_a_summary_without_a_fingerprint_is_read_and_says_it_was_not_checked(tmp_path, monkeypatch):
+    from tlx import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"val_accuracy": 0.5, "test_accuracy": 0.5, "wall_s": 1}')
+    monkeypatch.setattr(train, "run", lambda *a: pytest.fail("trained"))
+    summary, trained = sweep.execute(str(run), f"{FINETUNE}:target=digits", {})
+    assert not trained and "predates dataset fingerprints" in summary["sweep_note"]

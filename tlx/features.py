@@ -4,7 +4,8 @@ them once, cache them on disk, and train the head on them. The dataset becomes a
 and the model becomes its head; the same generic train step trains it.
 
 The cache key is a hash of the backbone's variables (the checkpoint, as loaded) x the dataset and
-its preprocessing (`config.data` without augmentation) x the model; change any and it recomputes.
+its preprocessing (`config.data` without augmentation, and the fingerprint of the data as built)
+x the model; change any and it recomputes.
 Batches come in the order the image path would see them, so the head trains on the same data.
 """
 
@@ -82,8 +83,10 @@ def applies(config, plan, dataset) -> bool:
     return set(setup.mask["head"]) == {"kernel", "bias"}
 
 
-def cache_key(config, params, batch_stats) -> str:
-    h = hashlib.sha256()
+def cache_key(config, params, batch_stats, fingerprint: str = "") -> str:
+    """`fingerprint`: the dataset's as built (`tlx.data.fingerprint`), so features of data built
+    by an older generator are not read as those of today's."""
+    h = hashlib.sha256(fingerprint.encode())
     backbone = {"params": {k: v for k, v in params.items() if k != "head"}, "bs": batch_stats}
     for p, x in jax.tree_util.tree_leaves_with_path(backbone):
         x = np.asarray(x)
@@ -94,7 +97,10 @@ def cache_key(config, params, batch_stats) -> str:
     for k in ("augment", "data_dir", "in_memory", "workers"):
         d.pop(k, None)
     d.get("fractaldb", {}).pop("workers", None)
-    h.update(json.dumps([d, config.model.to_dict()], sort_keys=True).encode())
+    m = config.model.to_dict()
+    if m.get("dtype") == "float32":  # the default: keys (and caches) of earlier runs stand
+        m.pop("dtype")
+    h.update(json.dumps([d, m], sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -102,7 +108,7 @@ def cached(config, dataset, model, variables, batch_size: int):
     """(features dataset, head model, description) for a run that `applies`: the features of
     every split from the cache, or computed with `model` and stored."""
     params, batch_stats = jax.device_get((variables["params"], variables["batch_stats"]))
-    key = cache_key(config, params, batch_stats)
+    key = cache_key(config, params, batch_stats, dataset.describe().get("fingerprint", ""))
     path = os.path.join(dataset.data_dir, "tlx_features", f"{key}.npz")
     info = {"key": key, "path": path, "hit": False, "extract_s": 0.0}
     arrays = _read(path)

@@ -19,11 +19,13 @@ A study file declares `get_sweep(arg) -> list[cell]` beside `get_config`. A cell
 
 Every run lives in DIR/runs/HASH, HASH being that of its resolved config (with `init_from` named
 by the hash of the run it starts from, so the hash doesn't depend on where DIR is). A run with a
-summary.json is finished and is read, not trained; an interrupted one resumes from its checkpoint
-(`tlx.train.run` does that); runs of different configs never share a directory. Cells run in
-dependency order, one at a time in this process, N at a time in worker processes, or as tasks on a
-Ray cluster (`tlx.launchers`). Several sweeps on one directory (a SLURM job array, say: each
-task runs the same command) share its runs through the per-run lock: each run is trained once.
+summary.json is finished and is read, not trained, unless its data changed since (`stale`): then
+it is trained again and the old run kept in HASH/stale/; an interrupted one resumes from its
+checkpoint (`tlx.train.run` does that); runs of different configs never share a directory.
+Cells run in dependency order, one at a time in this process, N at a time in worker processes, or
+as tasks on a Ray cluster (`tlx.launchers`). Several sweeps on one directory (a SLURM job array,
+say: each task runs the same command) share its runs through the per-run lock: each run is
+trained once.
 """
 
 from __future__ import annotations
@@ -157,17 +159,13 @@ def resolve(cell: dict, point: dict, init_run: str | None):
 
 def config_hash(config) -> str:
     """The hash of a resolved config (a ConfigDict, or a dict such as a run's config.json), over
-    its JSON form (tuples as lists), without the HASH_IGNORE keys."""
+    its JSON form (tuples as lists), without the HASH_IGNORE keys (and fields added since runs
+    existed, at their default: `rundir.comparable`)."""
     if isinstance(config, dict):
         tree = json.loads(json.dumps(config, default=str))
     else:
         tree = json.loads(config.to_json_best_effort())
-    for key in HASH_IGNORE:
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+    tree = rundir.comparable(tree)
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -243,7 +241,9 @@ def is_diverged(summary: dict) -> bool:
 
 def execute(run_dir: str, spec: str, overrides: dict) -> tuple[dict, bool]:
     """Train the run (or resume it, or read it when finished or diverged): (summary, trained
-    here). A diverged run is a summary with diverged=True (`read_diverged`), not an error.
+    here). A diverged run is a summary with diverged=True (`read_diverged`), not an error. A
+    finished run whose data changed since (`stale`) is trained again, its old files moved to
+    RUN/stale/ (`set_aside`), and the summary says why under 'sweep_note'.
 
     The run's lock (`tlx.rundir.lock`, the one train.run takes) keeps two runners (say, one
     restarted while an orphan still works) from training one run at once: the second waits.
@@ -252,16 +252,81 @@ def execute(run_dir: str, spec: str, overrides: dict) -> tuple[dict, bool]:
     from tlx import train
 
     with rundir.lock(run_dir, wait=True):
-        summary = read_summary(run_dir) or read_diverged(run_dir)
-        if summary is not None:
-            return summary, False
-        with open(os.path.join(run_dir, "sweep_run.json"), "w") as f:
-            json.dump({"config": spec, "overrides": overrides}, f, indent=1, default=str)
         config = tlx_config.load(spec, **overrides)
+        summary = read_summary(run_dir) or read_diverged(run_dir)
+        note = ""
+        if summary is not None:
+            why, note = stale(run_dir, summary, config, overrides.get("init_from", ""))
+            if why is None:
+                return ({**summary, "sweep_note": note} if note else summary), False
+            note = f"trained again: {why}; the old run is in {set_aside(run_dir, why)}"
+        init_from = overrides.get("init_from", "")
+        record = {"config": spec, "overrides": overrides}
+        if init_from and os.path.exists(os.path.join(init_from, "summary.json")):
+            record["init_summary"] = _digest(os.path.join(init_from, "summary.json"))
+        with open(os.path.join(run_dir, "sweep_run.json"), "w") as f:
+            json.dump(record, f, indent=1, default=str)
         try:
-            return train.run(config, run_dir), True
+            summary = train.run(config, run_dir)
         except train.NonFiniteError:
-            return read_diverged(run_dir), True
+            summary = read_diverged(run_dir)
+        return ({**summary, "sweep_note": note} if note else summary), True
+
+
+def stale(run_dir: str, summary: dict, config, init_from: str = "") -> tuple[str | None, str]:
+    """(why the finished run in `run_dir` must be trained again, or None; a note when it could
+    not be checked). It must when its dataset as built changed since it ran (the fingerprint in
+    its summary.json against today's, `tlx.data.fingerprint`: computed once per dataset and
+    process, from the builder's metadata and a sample of records), or when the run it started
+    from (`init_from`) was trained again since (sweep_run.json records that run's summary)."""
+    from tlx import data
+
+    note = ""
+    recorded = (summary.get("dataset") or {}).get("fingerprint")
+    name = config.data.name
+    if recorded:
+        try:
+            current = data.fingerprint(config.data)
+        except data.DatasetNotPreparedError:
+            current, note = None, f"dataset {name} not checked: it is not prepared here"
+        if current is not None and current != recorded:
+            return (
+                f"its dataset {name} changed (fingerprint {recorded} in summary.json, "
+                f"{current} as built now)"
+            ), note
+    elif not is_diverged(summary):
+        note = "dataset not checked: its summary.json predates dataset fingerprints"
+    parent = os.path.join(init_from, "summary.json") if init_from else ""
+    seen = (_read_json(os.path.join(run_dir, "sweep_run.json")) or {}).get("init_summary")
+    if seen and os.path.exists(parent) and _digest(parent) != seen:
+        return f"the run it starts from, {os.path.basename(init_from)}, was trained again", note
+    return None, note
+
+
+def set_aside(run_dir: str, why: str) -> str:
+    """Moves a finished run's files (all but its lock) into RUN/stale/DIGEST/ (the digest of its
+    summary.json or failed.json) with why.txt, so the directory starts over; returns that path,
+    relative to the sweep's directory. The checkpoints go first and the summary last: a kill in
+    between leaves a run that is still finished (and stale), never an unfinished old one that a
+    resume would complete; the next set-aside moves the rest into the same place."""
+    marker = next(
+        p for p in (os.path.join(run_dir, n) for n in ("summary.json", "failed.json"))
+        if os.path.exists(p)
+    )  # fmt: skip
+    dest = os.path.join(run_dir, "stale", _digest(marker))
+    os.makedirs(dest, exist_ok=True)
+    names = sorted(set(os.listdir(run_dir)) - {".lock", "stale"})
+    last = ("summary.json", "failed.json")
+    for name in sorted(names, key=lambda n: (n in last, n != "checkpoints", n)):
+        os.replace(os.path.join(run_dir, name), os.path.join(dest, name))
+    with open(os.path.join(dest, "why.txt"), "w") as f:
+        f.write(why + "\n")
+    return os.path.relpath(dest, os.path.dirname(os.path.dirname(run_dir)))
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def enable_compilation_cache() -> str:
@@ -306,7 +371,7 @@ def run_sweep(
     futures: dict[str, cf.Future] = {}  # run hash -> future of execute()
     about: dict[str, str] = {}  # run hash -> what it is, for the log
     reported: set[str] = set()
-    counts = {"trained": 0, "read": 0}
+    counts = {"trained": 0, "read": 0, "again": 0}
     started = time.time()
 
     def chosen_of(cell, ref):
@@ -342,15 +407,20 @@ def run_sweep(
                 reported.add(h)
                 summary, trained = f.result()  # raises the run's error, if any
                 counts["trained" if trained else "read"] += 1
+                note = summary.get("sweep_note", "")
+                counts["again"] += note.startswith("trained again")
                 figures = (
                     f"DIVERGED ({summary['error']})"
                     if is_diverged(summary)
                     else f"val {summary['val_accuracy']:.3f} test {summary['test_accuracy']:.3f}"
                 )
+                how = "trained" if trained else "finished before, read"
+                if note.startswith("trained again"):
+                    how, note = note, ""
                 log(
-                    f"[sweep] {time.time() - started:6.0f} s  {h} "
-                    f"{'trained' if trained else 'finished before, read'}: "
+                    f"[sweep] {time.time() - started:6.0f} s  {h} {how}: "
                     f"{figures} ({summary['wall_s']:.0f} s)  {about[h]}"
+                    + (f"  ({note})" if note else "")
                 )
 
     def collect() -> None:
@@ -397,7 +467,9 @@ def run_sweep(
     write_csv(os.path.join(workdir, "dependencies.csv"), deps)
     log(
         f"[sweep] done: {len(rows)} cells (+{len(deps)} dependencies), {len(futures)} runs "
-        f"({counts['trained']} trained, {counts['read']} read) in {time.time() - started:.0f} s "
+        f"({counts['trained']} trained, {counts['read']} read"
+        + (f"; {counts['again']} trained again: their data changed" if counts["again"] else "")
+        + f") in {time.time() - started:.0f} s "
         f"-> {workdir}/results.csv"
     )
     return rows

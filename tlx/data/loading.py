@@ -17,3 +17,11 @@ def load(cfg: ml_collections.ConfigDict):
     if not in_memory:
         return stream.StreamingDataset.open(cfg, data_dir, params, reason)
     return pipeline.load_in_memory(cfg, data_dir, params, reason)
+
+
+def fingerprint(cfg: ml_collections.ConfigDict) -> str:
+    """The fingerprint of the dataset ``cfg`` describes, as built (`pipeline.fingerprint`: what
+    its `describe()['fingerprint']` is), without loading it; builds it if it is not built yet."""
+    return pipeline.fingerprint(
+        cfg.name, pipeline.resolve_data_dir(cfg), pipeline.builder_params(cfg)
+    )

@@ -372,6 +372,7 @@ class StreamingDataset:
     workers: int = 2
     data_dir: str = ""
     input: dict = dataclasses.field(default_factory=dict)
+    fingerprint: str = ""  # of the source as built (`pipeline.fingerprint`)
 
     @classmethod
     def open(cls, cfg: ml_collections.ConfigDict, data_dir: str, params: tuple, reason: str):
@@ -416,6 +417,7 @@ class StreamingDataset:
             workers=workers,
             data_dir=data_dir,
             input={"path": "stream", "reason": reason, "workers": workers},
+            fingerprint=pipeline.fingerprint(cfg.name, data_dir, params),
         )
 
     @property
@@ -431,6 +433,7 @@ class StreamingDataset:
             "image_shape": list(self.image_shape),
             "data_dir": self.data_dir,
             "input": dict(self.input),
+            "fingerprint": self.fingerprint,
         }
 
     def _preprocess(self, split: str, train: bool) -> Preprocess:
