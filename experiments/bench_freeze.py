@@ -38,12 +38,14 @@ STRATEGIES = (
 PEFT = ("lora", "bitfit", "adapter", "vpt")
 
 
-def setup(name, strategy, batch, size, classes):
+def setup(name, strategy, batch, size, classes, dtype="float32"):
     c = tlx_config.load(
         f"configs/finetune.py:backbone={name},strategy={strategy},steps=1000,"
         f"batch_size={batch},image_size={size}"
     )
-    model = models.build(name, classes, stem=c.model.stem or None)
+    model = models.build(
+        name, classes, stem=c.model.stem or None, dtype=models.compute_dtype(dtype)
+    )
     x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
     variables = {"batch_stats": {}, **model.init(jax.random.key(0), x[:1], train=False)}
     plan = strategies.plan(c, variables, steps_per_epoch=100, from_checkpoint=True)

@@ -164,6 +164,21 @@ def test_an_lr_that_diverges_mid_run_stops_it_keeping_the_last_finite_checkpoint
         train.run(c, str(tmp_path))
 
 
+def test_non_finite_weights_before_training_are_named_not_blamed_on_an_update():
+    """The step checks only the leaves it trains; frozen ones are checked once, before step 1."""
+    params = {"stem": {"conv": {"kernel": np.ones(3)}}, "stage1": {"w": np.array([1.0, 2.0])}}
+    train._check_finite_start(params, cfg("configs/pretrain.py:steps=2"))  # all finite: fine
+    params["stage1"]["w"][1] = np.nan
+    params["head"] = {"kernel": np.full(2, np.inf)}
+    c = cfg("configs/finetune.py:target=digits,steps=2,init_from=runs/pre")
+    with pytest.raises(
+        checkpoint.InitError,
+        match=r"^init_from='runs/pre' has non-finite values in 2 parameter\(s\) \(head/kernel, "
+        r"stage1/w\): it is corrupt or from a diverged run",
+    ):
+        train._check_finite_start(params, c)
+
+
 def test_init_from_a_checkpoint_of_another_backbone_is_a_clear_error(pretrained, tmp_path):
     c = cfg(
         f"configs/finetune.py:backbone=resnet18,target=digits,steps=2,init_from={pretrained[0]}"

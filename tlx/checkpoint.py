@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tlx import freeze, rundir
+from tlx import distributed, freeze, rundir
 
 RESUME_MODES = ("auto", "force")
 
@@ -39,7 +39,9 @@ class ResumeMismatch(InitError):
 
 
 class Checkpointer:
-    """Saves and restores a run's state under WORKDIR/checkpoints."""
+    """Saves and restores a run's state under WORKDIR/checkpoints. In a multi-process run every
+    process makes one and takes part in each save and restore (orbax writes one checkpoint);
+    process 0 alone verifies, moves corrupt steps aside and writes checksums."""
 
     def __init__(self, workdir: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -59,6 +61,18 @@ class Checkpointer:
     def good_step(self, log=None) -> int | None:
         """The newest step whose files match their checksums; newer corrupt steps are moved
         aside (to N.corrupt), each named in a warning."""
+        if distributed.is_multi():  # process 0 decides, so that every process resumes one step
+            step, moved = self._good_step(log) if distributed.is_main() else (None, False)
+            code, moved = distributed.broadcast([-1 if step is None else step, int(moved)])
+            step = None if code < 0 else code
+        else:
+            step, moved = self._good_step(log)
+        if moved:
+            self.manager.close()
+            self.manager = self._manager()
+        return step
+
+    def _good_step(self, log) -> tuple[int | None, bool]:
         log = log or (lambda m: print(m, file=sys.stderr))
         moved = False
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -72,10 +86,7 @@ class Checkpointer:
             moved = True
         else:
             step = None
-        if moved:
-            self.manager.close()
-            self.manager = self._manager()
-        return step
+        return step, moved
 
     def save(self, step: int, state: dict, data_state: dict) -> None:
         # Orbax writes into a temporary directory and renames it when complete, so an
@@ -110,6 +121,9 @@ class Checkpointer:
 
     def _write_checksums(self) -> None:
         self.manager.wait_until_finished()
+        if not distributed.is_main():
+            self._unsummed = []
+            return
         for step in self._unsummed:
             path = os.path.join(self.directory, str(step))
             if os.path.isdir(path):  # not rotated away meanwhile
@@ -172,16 +186,8 @@ def verify(step_dir: str) -> str | None:
 
 # -- resume: the run a directory holds against the one asked for ---------------------------------
 def comparable(tree: dict) -> dict:
-    """A resolved config (as a dict) without the keys that don't change a run (rundir.IGNORE)."""
-    tree = json.loads(json.dumps(tree, default=str))
-    for key in rundir.IGNORE:
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return tree
+    """A resolved config (as a dict) without the keys that don't change a run (rundir)."""
+    return rundir.comparable(tree)
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:

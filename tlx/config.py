@@ -32,7 +32,9 @@ def base() -> ml_collections.ConfigDict:
     c.pretrained_path = ""  # an explicit weight file for a named source
     c.init_reinit = ["^head/"]  # leaves (regexes) re-initialised instead of loaded
     c.init_reinit_init = "zeros"  # zeros | init (the model's initialiser)
-    c.model = ml_collections.ConfigDict({"name": "resnet_tiny", "stem": ""})
+    # dtype: the compute dtype. bfloat16 computes convolutions, matmuls and activations in bf16
+    # with float32 parameters, optimizer state, BatchNorm statistics, logits and loss.
+    c.model = ml_collections.ConfigDict({"name": "resnet_tiny", "stem": "", "dtype": "float32"})
     c.data = data.default_config()
     # The fine-tuning strategy (tlx.strategies) and its knobs, config.strategy.<name>.<knob>: see
     # `set_strategy`. Pre-training is strategy 'none' from a random init.
@@ -235,6 +237,7 @@ CHECKS = {
     "init_reinit": _regexes,
     "init_reinit_init": _one_of("zeros", "init"),
     "model.stem": _one_of("", "cifar", "imagenet"),
+    "model.dtype": _one_of("float32", "bfloat16"),
     "data.image_size": _num(4, kind=int),
     "data.channels": _one_of(1, 3),
     "data.normalize": _one_of("unit", "imagenet"),

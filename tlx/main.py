@@ -3,6 +3,11 @@
   --config.KEY=VALUE   any field of the resolved config, typed like it (lists as JSON or a,b,c)
   --resume=force       continue the run in DIR under a changed config (recorded in config.json)
 
+One run over several processes (hosts), with jax.distributed (`tlx.distributed`):
+  --coordinator=HOST:PORT --num_processes=N --process_id=I   on every process (0 serves HOST:PORT)
+  --coordinator=auto   SLURM, Open MPI or a TPU slice: jax detects the processes itself
+  --dist_timeout=S     seconds to wait for the coordinator and the other processes (300)
+
 An error of the user's (a bad value, an unknown key, a busy or mismatched workdir, a diverged run)
 is one line on stderr and exit status 1; a usage error exits 2.
 """
@@ -11,14 +16,17 @@ import sys
 
 USAGE = (
     "usage: python -m tlx.main --config=configs/FILE.py[:ARGS] --workdir=DIR "
-    "[--config.KEY=VALUE ...] [--resume=auto|force]"
+    "[--config.KEY=VALUE ...] [--resume=auto|force] "
+    "[--coordinator=HOST:PORT|auto --num_processes=N --process_id=I --dist_timeout=S]"
 )
+DIST_FLAGS = {"coordinator": str, "num_processes": int, "process_id": int, "dist_timeout": float}
 
 
-def parse(argv: list[str]) -> tuple[str, str, dict, str]:
-    """(config spec, workdir, {dotted key: string value}, resume mode) from the arguments."""
+def parse(argv: list[str]) -> tuple[str, str, dict, str, dict]:
+    """(config spec, workdir, {dotted key: string value}, resume mode, distributed flags) from
+    the arguments."""
     spec = workdir = None
-    overrides, resume = {}, "auto"
+    overrides, resume, dist = {}, "auto", {}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -37,6 +45,11 @@ def parse(argv: list[str]) -> tuple[str, str, dict, str]:
             workdir = value
         elif name == "resume":
             resume = value
+        elif name in DIST_FLAGS:
+            try:
+                dist[name] = DIST_FLAGS[name](value)
+            except ValueError:
+                raise UsageError(f"--{name}={value!r} is not a number") from None
         else:
             raise UsageError(f"unknown flag --{name}")
     if spec is None or workdir is None:
@@ -45,7 +58,9 @@ def parse(argv: list[str]) -> tuple[str, str, dict, str]:
         raise UsageError("--workdir is empty: give the run directory")
     if resume not in ("auto", "force"):
         raise UsageError(f"--resume={resume!r}: use auto or force")
-    return spec, workdir, overrides, resume
+    if dist.get("dist_timeout", 1) <= 0:
+        raise UsageError(f"--dist_timeout={dist['dist_timeout']}: give seconds > 0")
+    return spec, workdir, overrides, resume, dist
 
 
 class UsageError(Exception):
@@ -55,17 +70,23 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        spec, workdir, overrides, resume = parse(argv)
+        spec, workdir, overrides, resume, dist = parse(argv)
     except UsageError as e:
         print(f"tlx.main: {e}\n{USAGE}", file=sys.stderr)
         return 2
     from absl import logging
 
     from tlx import config as tlx_config
-    from tlx import rundir, train
+    from tlx import distributed, rundir, train
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     try:
+        distributed.initialize(
+            dist.get("coordinator"),
+            dist.get("num_processes"),
+            dist.get("process_id"),
+            dist.get("dist_timeout", distributed.DEFAULT_TIMEOUT_S),
+        )
         config = tlx_config.load(spec, **overrides)
         summary = train.run(config, workdir, resume=resume)
     except (
@@ -78,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"tlx.main: {type(e).__name__}: {msg}", file=sys.stderr)
         return 1
-    print({k: v for k, v in summary.items() if k.endswith("accuracy") or k == "wall_s"})
+    if distributed.is_main():
+        print({k: v for k, v in summary.items() if k.endswith("accuracy") or k == "wall_s"})
     return 0
 
 

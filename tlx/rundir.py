@@ -7,6 +7,7 @@ and the config keys that do not change what a run computes (`IGNORE`).
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import time
@@ -15,6 +16,26 @@ import time
 # (`tlx.sweep.config_hash`) and of the resume check. `resume_history` is not a config field: it
 # is what config.json records of forced resumes.
 IGNORE = ("progress", "tensorboard", "data.data_dir", "resume_history")
+# Fields added after runs existed, left out of the hash and the resume check while at their
+# default (which computes what runs before them did), so no existing run changes its hash.
+OMIT_AT_DEFAULT = {"model.dtype": "float32"}
+
+
+def comparable(tree: dict) -> dict:
+    """A resolved config as a dict without the keys that don't change what a run computes:
+    `IGNORE`, and `OMIT_AT_DEFAULT` keys at their default. What run hashes and resume checks
+    compare."""
+    tree = json.loads(json.dumps(tree, default=str))
+    for key in (*IGNORE, *OMIT_AT_DEFAULT):
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and leaf in node:
+            if key in IGNORE or node[leaf] == OMIT_AT_DEFAULT[key]:
+                node.pop(leaf)
+    return tree
+
 
 _HELD: dict[str, int] = {}  # lock path -> how many times this process holds it (re-entrant)
 
@@ -24,13 +45,15 @@ class WorkdirLocked(RuntimeError):
 
 
 @contextlib.contextmanager
-def lock(directory: str, wait: bool = False):
+def lock(directory: str, wait: bool = False, process: int = 0):
     """Hold DIRECTORY/.lock (flock: the kernel drops it when its holder dies, even by SIGKILL).
     `wait`: block until it is free (the sweep's runners share work this way); else raise
-    WorkdirLocked naming the holder (pid, host, since). Re-entrant within one process."""
+    WorkdirLocked naming the holder (pid, host, since). Re-entrant within one process.
+    `process`: the process index in a multi-process run, each of which holds its own lock
+    (.lock for process 0, .lock.N for N), so a second job on the directory meets the first."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, ".lock")
+    path = os.path.join(directory, ".lock" + (f".{process}" if process else ""))
     if _HELD.get(path):
         _HELD[path] += 1
         try:

@@ -18,15 +18,17 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
 
 
 def _forward(model, params, batch_stats, images):
-    """Logits and the new BatchNorm statistics (those the model does not use are carried over:
-    a head trained on cached features has none of the backbone's)."""
+    """Float32 logits and the new BatchNorm statistics (those the model does not use are carried
+    over: a head trained on cached features has none of the backbone's). A model computing in
+    bfloat16 (`config.model.dtype`) gives bf16 logits: the softmax and the loss take them in
+    float32, so the loss path is as safe as in a float32 run."""
     logits, mutated = model.apply(
         {"params": params, "batch_stats": batch_stats},
         images,
         train=True,
         mutable=["batch_stats"],
     )
-    return logits, {**batch_stats, **mutated.get("batch_stats", {})}
+    return logits.astype(jnp.float32), {**batch_stats, **mutated.get("batch_stats", {})}
 
 
 def make_train_step(model, tx, labels, *, loss_terms=(), label_smoothing=0.0, axis_name=None):
@@ -86,7 +88,7 @@ def make_train_step(model, tx, labels, *, loss_terms=(), label_smoothing=0.0, ax
 
 def make_eval_step(model):
     def step(variables, batch):
-        logits = model.apply(variables, batch["image"], train=False)
+        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
         mask = batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = jnp.argmax(logits, -1) == batch["label"]

@@ -14,12 +14,24 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
-from tlx import checkpoint, data, features, fewshot, freeze, models, provenance, rundir, strategies
+from tlx import (
+    checkpoint,
+    data,
+    distributed,
+    features,
+    fewshot,
+    freeze,
+    models,
+    parallel,
+    provenance,
+    rundir,
+    strategies,
+)
 from tlx import config as tlx_config
 from tlx import step as step_lib
-from tlx.parallel import Runner
 
 
 class NonFiniteError(RuntimeError):
@@ -31,13 +43,19 @@ def run(config, workdir: str, resume: str = "auto") -> dict:
 
     A workdir holds one run: resuming it with another config is refused unless resume='force'
     (the change is recorded in config.json's resume_history); a finished run asked again with
-    its config is not trained again (its summary is returned). One process per workdir."""
+    its config is not trained again (its summary is returned). One process per workdir, or one
+    multi-process job (`tlx.distributed`): every process calls `run` with the same config, and
+    process 0 writes the directory's files."""
     t_start = time.time()
     if not str(workdir).strip():
         raise ValueError("workdir is empty: give the run directory (--workdir=DIR)")
     tlx_config.validate(config)
+    # Before anything is written: a batch the devices (of all processes) cannot split.
+    parallel.check_batch_size(config.batch_size)
+    parallel.check_batch_size(config.eval_batch_size or config.batch_size, "eval_batch_size")
+    distributed.check_same(checkpoint.comparable(json.loads(config.to_json_best_effort())))
     workdir = os.path.abspath(workdir)
-    with rundir.lock(workdir):
+    with rundir.lock(workdir, process=jax.process_index()):
         return _run(config, workdir, resume, t_start)
 
 
@@ -69,37 +87,38 @@ def _run(config, workdir: str, resume: str, t_start: float) -> dict:
             f"cannot resume {where}: its step {resumed_from} is past total_steps="
             f"{config.total_steps}; use a new workdir"
         )
-    for name in ("summary.json", FAILED):  # the run is not finished (nor failed) any more
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(workdir, name))
-    if history:
-        tree["resume_history"] = history
-    _write_json(os.path.join(workdir, "config.json"), tree)
+    distributed.barrier("tlx_run_read")  # every process has read the directory: now rewrite it
     splits = ("train", "val", "test") if config.eval_train else ("val", "test")
-    checkpoint.truncate_metrics(
-        os.path.join(workdir, "metrics.jsonl"),
-        resumed_from or 0,
-        splits if resumed_from == config.total_steps else (),
-    )
+    if distributed.is_main():
+        for name in ("summary.json", FAILED):  # the run is not finished (nor failed) any more
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(workdir, name))
+        if history:
+            tree["resume_history"] = history
+        _write_json(os.path.join(workdir, "config.json"), tree)
+        checkpoint.truncate_metrics(
+            os.path.join(workdir, "metrics.jsonl"),
+            resumed_from or 0,
+            splits if resumed_from == config.total_steps else (),
+        )
     try:
         return _train(config, workdir, ckpt, resumed_from, splits, t_start)
     except BaseException as e:
         status = "diverged" if isinstance(e, NonFiniteError) else "failed"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _write_json(
-            os.path.join(workdir, FAILED),
-            {"status": status, "error": first, "type": type(e).__name__, "time": time.ctime()},
-        )
+        if distributed.is_main():
+            _write_json(
+                os.path.join(workdir, FAILED),
+                {"status": status, "error": first, "type": type(e).__name__, "time": time.ctime()},
+            )
         raise
     finally:
         ckpt.close()
 
 
 def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
-    runner = Runner(config.parallel)
+    runner = parallel.Runner(config.parallel)
     batch_size, eval_batch_size = config.batch_size, config.eval_batch_size or config.batch_size
-    runner.check_batch_size(batch_size)
-    runner.check_batch_size(eval_batch_size, "eval_batch_size")
 
     # -- data --
     dataset = data.load(config.data)
@@ -111,6 +130,7 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         dataset.num_classes,
         stem=config.model.stem or None,
         axis_name=runner.axis_name,
+        dtype=models.compute_dtype(config.model.get("dtype", "float32")),
     )
     dummy = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     rng = jax.random.key(config.seed)
@@ -131,7 +151,8 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         variables, report = checkpoint.merge(
             dict(variables), source, list(config.init_reinit), config.init_reinit_init, source_name
         )
-        checkpoint.write_report(workdir, report)
+        if distributed.is_main():
+            checkpoint.write_report(workdir, report)
     state = plan.init_state(variables, phase)
     data_state = None
     if resumed_from is not None:
@@ -143,26 +164,40 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
 
     # -- the feature cache: a frozen backbone with no augmentation trains its head on features --
     cache = None
-    if features.applies(config, plan, dataset):
-        dataset, model, cache = features.cached(config, dataset, model, state, eval_batch_size)
-    train_iter = dataset.train_iter(batch_size, seed=config.seed)
+    if features.applies(config, plan, dataset):  # computed by process 0, read by the others
+        image_dataset = dataset
+        if distributed.is_main():
+            dataset, model, cache = features.cached(config, dataset, model, state, eval_batch_size)
+        distributed.barrier("tlx_feature_cache")
+        if not distributed.is_main():
+            dataset, model, cache = features.cached(
+                config, image_dataset, model, state, eval_batch_size
+            )
+    train_iter = dataset.train_iter(
+        batch_size,
+        seed=config.seed,
+        process_index=runner.process_index,
+        process_count=runner.process_count,
+    )
     if data_state is not None:
         train_iter.set_state(data_state)
+    _check_finite_start(state["params"], config)
     state = runner.put_state(state)
 
     def compiled_step(phase):  # one compilation per phase
-        return runner.train_step(_guarded(plan.train_step(model, phase, runner.axis_name)))
+        step_fn = plan.train_step(model, phase, runner.axis_name)
+        return runner.train_step(_guarded(step_fn, plan.phases[phase].mask))
 
     train_step = compiled_step(phase)
     eval_step = runner.eval_step(step_lib.make_eval_step(plan.model(model, phase)))
-    log = _Log(workdir, config.tensorboard)
+    log = _Log(workdir, config.tensorboard) if distributed.is_main() else _NoLog()
 
     # -- loop --
     rates, t_log, n_log, pending = [], time.time(), 0, None
     bar = tqdm(
         total=config.total_steps,
         initial=start,
-        disable=not config.progress,
+        disable=not config.progress or not distributed.is_main(),
         desc=os.path.basename(workdir),
         dynamic_ncols=True,
     )
@@ -217,14 +252,14 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         if evals:
             _evaluate(eval_step, runner, state, dataset, ("val",), eval_batch_size, step, log)
         if saves:
-            ckpt.save(step, runner.get_state(state), train_iter.get_state())
+            ckpt.save(step, runner.save_state(state), train_iter.get_state())
             if os.environ.get(PAUSE_AFTER_SAVE) == str(step):
                 _pause(ckpt, workdir, step)
     bar.close()
     if pending is not None:
         _check_finite(*pending, runner, ckpt, config)
     if ckpt.latest_step() != config.total_steps:
-        ckpt.save(config.total_steps, runner.get_state(state), train_iter.get_state())
+        ckpt.save(config.total_steps, runner.save_state(state), train_iter.get_state())
     ckpt.wait()
 
     # -- final evaluation and summary --
@@ -238,19 +273,27 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         images_per_s=statistics.median(rates) if rates else None,
         wall_s=time.time() - t_start,
         provenance=provenance.collect(),
+        topology=distributed.describe(),
     )
     # Written last and atomically: a summary.json that exists marks a finished run.
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    if distributed.is_main():
+        _write_json(os.path.join(workdir, "summary.json"), summary)
     log.close()
+    distributed.barrier("tlx_run_done")
     return summary
 
 
-def _guarded(step_fn):
-    """`step_fn` whose metrics also say whether the loss and every parameter are finite."""
+def _guarded(step_fn, mask):
+    """`step_fn` whose metrics also say whether the loss and every trained parameter are finite.
+    `mask`: the phase's frozen leaves (True), which the step carries over as they were: checked
+    once before training (`_check_finite_start`), not every step, so the compiled step touches
+    no frozen leaf."""
+    trained = [not m for m in jax.tree.leaves(mask)]
 
     def step(state, batch):
         new, metrics = step_fn(state, batch)
-        leaves = jax.tree.leaves(new["params"])
+        flat = jax.tree.leaves(new["params"])
+        leaves = [x for x, t in zip(flat, trained, strict=True) if t]
         finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all() if leaves else True
         return new, {
             **metrics,
@@ -259,6 +302,22 @@ def _guarded(step_fn):
         }
 
     return step
+
+
+def _check_finite_start(params, config) -> None:
+    """Every parameter finite before the first step (the frozen ones are never checked again)."""
+    bad = [
+        freeze.path_str(p)
+        for p, x in jax.tree_util.tree_leaves_with_path(params)
+        if not np.all(np.isfinite(np.asarray(x)))
+    ]
+    if bad:
+        source = f"init_from={config.init_from!r}" if config.init_from else "the initial state"
+        raise checkpoint.InitError(
+            f"{source} has non-finite values in {len(bad)} parameter(s) ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): it is corrupt or from a diverged run; start "
+            "from a finite checkpoint"
+        )
 
 
 def _check_finite(step, metrics, runner, ckpt, config) -> None:
@@ -285,7 +344,8 @@ PAUSE_AFTER_SAVE = "TLX_TEST_PAUSE_AFTER_SAVE"
 
 def _pause(ckpt, workdir: str, step: int) -> None:
     ckpt.wait()
-    with open(os.path.join(workdir, ".paused"), "w") as f:
+    index = jax.process_index()
+    with open(os.path.join(workdir, ".paused" + (f".{index}" if index else "")), "w") as f:
         f.write(str(step))
     while True:
         time.sleep(60)
@@ -333,7 +393,10 @@ def _summary(config, plan, host, final, dataset, cache) -> dict:
 
 
 def _abstract(x):
-    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    # Restored onto this process's first device, whatever mesh saved it: a run resumes on
+    # another topology (1 process x 4 devices <-> 2 x 2), and put_state places it from there.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=local)
 
 
 def _evaluate(eval_step, runner, state, dataset, splits, batch_size, step, log) -> dict:
@@ -341,9 +404,11 @@ def _evaluate(eval_step, runner, state, dataset, splits, batch_size, step, log) 
     host = runner.get_state(state)
     variables = {"params": host["params"], "batch_stats": host["batch_stats"]}
     out = {}
+    rows = runner.local_rows(batch_size)  # this process's rows of each global batch
     for split in splits:
         sums = {"correct": 0.0, "loss": 0.0, "count": 0.0}
         for batch in dataset.eval_batches(split, batch_size):
+            batch = {k: v[rows] for k, v in batch.items()}
             res = jax.device_get(eval_step(variables, runner.put_eval_batch(batch)))
             for k in sums:
                 sums[k] += float(res[k])
@@ -373,13 +438,23 @@ def tree_bytes(tree) -> int:
     return int(sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")))
 
 
+class _NoLog:
+    """The log of a process other than 0: it writes nothing."""
+
+    def write(self, record: dict):
+        pass
+
+    def close(self):
+        pass
+
+
 class _Log:
-    """metrics.jsonl (+ TensorBoard event files when tensorboardX is there)."""
+    """metrics.jsonl (+ TensorBoard event files when tensorboardX is there); process 0 only."""
 
     def __init__(self, workdir, tensorboard: bool):
         self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
         self.tb = None
-        if tensorboard and jax.process_index() == 0:
+        if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:

@@ -5,6 +5,8 @@ whose top-level submodules are `stem`, `stage1`..`stageN`, `head` and which take
 
 import functools
 
+import jax.numpy as jnp
+
 from tlx.models import efficientnet, mobilenet_v2, resnet, vit
 
 MODELS = {
@@ -30,6 +32,14 @@ MODELS = {
     "vit_s16": functools.partial(vit.vit, variant="S", patch_size=16),
     "vit_b16": functools.partial(vit.vit, variant="B", patch_size=16),
 }
+
+
+def compute_dtype(name: str):
+    """config.model.dtype -> the `dtype` field of a backbone (None: its float32 default)."""
+    dtypes = {"float32": None, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"model.dtype={name!r}: use 'float32' or 'bfloat16'")
+    return dtypes[name]
 
 
 def build(name: str, num_classes: int, **kwargs):
