@@ -253,3 +253,170 @@ def test_a_metrics_line_cut_by_a_kill_is_skipped_and_named(tmp_path, capsys):
     curves = report.learning_curves(str(tmp_path), rows, axes)
     assert {c["step"] for c in curves} == {10, 20}
     assert f"{path}:3: not JSON, skipped" in capsys.readouterr().err
+
+
+def counted_rows(table: dict) -> list[dict]:
+    """{(target, size, strategy): (trained, frozen, [acc by seed])} -> results.csv-like rows with
+    parameter counts; `trained` is one count, or one per seed."""
+    out = []
+    for (target, size, strategy), (trained, frozen, accs) in table.items():
+        for seed, acc in enumerate(accs):
+            out.append(
+                {
+                    "target": target,
+                    "size": size,
+                    "strategy": strategy,
+                    "seed": seed,
+                    "test_accuracy": acc,
+                    "params_trainable": trained[seed] if isinstance(trained, list) else trained,
+                    "params_frozen": frozen,
+                }
+            )
+    return out
+
+
+def test_peft_strategies_and_their_variants_are_told_from_freezing_presets():
+    assert report.is_peft("vpt_deep") and report.is_peft("lora") and report.is_peft("bitfit")
+    assert not report.is_peft("linear_probe")
+    assert not report.is_peft("freeze_most") and not report.is_peft("scratch")
+
+
+def test_the_trained_fraction_is_the_mean_trained_count_over_all_parameters():
+    rows = counted_rows(
+        {
+            ("digits", "small", "lora"): ([100, 110, 120], 890, [0.80, 0.85, 0.90]),
+            ("digits", "small", "linear_probe"): (50, 950, [0.70, 0.70, 0.70]),
+        }
+    )
+    lora, probe = report.trained_fractions(rows, AXES)
+    half = T_975_DF2 * 0.05 / math.sqrt(3)  # 0.1242069
+    assert (lora["target"], lora["size"], lora["strategy"]) == ("digits", "small", "lora")
+    assert "seed" not in lora
+    assert (lora["params_trainable"], lora["params_frozen"]) == (110.0, 890.0)
+    assert lora["trained_fraction"] == pytest.approx(110 / 1000, abs=1e-15)
+    assert lora["n"] == 3
+    assert lora["mean"] == pytest.approx(0.85, abs=1e-12)
+    assert (lora["ci_low"], lora["ci_high"]) == pytest.approx((0.85 - half, 0.85 + half), abs=1e-9)
+    assert probe["trained_fraction"] == pytest.approx(0.05, abs=1e-15)
+    assert (probe["ci_low"], probe["ci_high"]) == pytest.approx((0.70, 0.70), abs=1e-12)
+
+
+def test_rows_without_parameter_counts_have_no_trained_fractions():
+    rows = rows_of({("digits", "small", "lora"): [0.80, 0.85, 0.90]})
+    assert report.trained_fractions(rows, AXES) == []
+    assert report.trained_fractions([], AXES) == []
+
+
+def test_the_fraction_table_has_a_column_per_condition_and_spans_differing_head_sizes():
+    # The head of a 7-class target is larger than that of a 5-class one: the count is a range.
+    rows = counted_rows(
+        {
+            ("digits", "small", "lora"): (5, 95, [0.80, 0.85, 0.90]),
+            ("fractals", "small", "lora"): (7, 93, [0.70, 0.70, 0.70]),
+            ("digits", "small", "linear_probe"): (3, 97, [0.60]),
+            ("fractals", "small", "linear_probe"): (3, 97, [0.50]),
+        }
+    )
+    table = report.fraction_table(report.trained_fractions(rows, AXES), "strategy")
+    assert table == [
+        {
+            "strategy": "lora",
+            "params_trainable": "5-7",
+            "trained_%": "5-7",
+            "digits/small": "85.0 ± 12.4",  # t(0.975, 2) * 0.05 / sqrt(3) = 0.1242
+            "fractals/small": "70.0 ± 0.0",
+        },
+        {
+            "strategy": "linear_probe",
+            "params_trainable": "3",
+            "trained_%": "3",
+            "digits/small": "60.0",  # one seed: no interval
+            "fractals/small": "50.0",
+        },
+    ]
+
+
+def write_fake_peft_sweep(workdir, strategies: dict):
+    """A results.csv over two similarity quadrants, 3 seeds, with parameter counts, and the
+    metrics.jsonl files behind it. strategies: {name: {similarity: (trained, frozen, [acc])}}."""
+    rows = []
+    for strategy, by_sim in strategies.items():
+        for sim, (trained, frozen, accs) in by_sim.items():
+            for seed, acc in enumerate(accs):
+                run = f"{sim}{strategy}{seed}"
+                rows.append(
+                    {
+                        "similarity": sim,
+                        "size": "small",
+                        "strategy": strategy,
+                        "seed": seed,
+                        "test_accuracy": acc,
+                        "val_accuracy": acc,
+                        "train_accuracy": 0.99,
+                        "params_trainable": trained,
+                        "params_frozen": frozen,
+                        "run": run,
+                    }
+                )
+                os.makedirs(workdir / "runs" / run)
+                with open(workdir / "runs" / run / "metrics.jsonl", "w") as f:
+                    f.write(json.dumps({"step": 10, "loss": 0.5, "accuracy": 0.5}) + "\n")
+    with open(workdir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_a_report_with_peft_strategies_puts_accuracy_against_the_trained_share(tmp_path):
+    write_fake_peft_sweep(
+        tmp_path,
+        {
+            "linear_probe": {"similar": (50, 950, [0.7] * 3), "different": (25, 975, [0.5] * 3)},
+            "lora": {"similar": (100, 900, [0.80, 0.85, 0.90]), "different": (80, 920, [0.6] * 3)},
+            "vpt_deep": {"similar": (60, 940, [0.75] * 3), "different": (35, 965, [0.55] * 3)},
+        },
+    )
+    written = report.write_report(str(tmp_path))
+    names = {os.path.relpath(p, tmp_path) for p in written}
+    assert {"trained_fraction.csv", "plots/accuracy_vs_trained_fraction.png"} <= names
+    assert os.path.getsize(tmp_path / "plots" / "accuracy_vs_trained_fraction.png") > 1000
+    fractions, columns = report.read_results(str(tmp_path / "trained_fraction.csv"))
+    assert columns == [
+        *("similarity", "size", "strategy", "params_trainable", "params_frozen"),
+        *("trained_fraction", "n", "mean", "std", "ci_low", "ci_high"),
+    ]
+    got = {(r["similarity"], r["strategy"]): r["trained_fraction"] for r in fractions}
+    assert got == {
+        ("similar", "linear_probe"): 0.05,
+        ("different", "linear_probe"): 0.025,
+        ("similar", "lora"): 0.1,
+        ("different", "lora"): 0.08,
+        ("similar", "vpt_deep"): 0.06,
+        ("different", "vpt_deep"): 0.035,
+    }
+    plotted, _ = report.read_results(str(tmp_path / "plots" / "accuracy_vs_trained_fraction.csv"))
+    assert plotted == fractions
+    md = (tmp_path / "report.md").read_text()
+    assert "## Test accuracy (%) against the trained share of the parameters, by strategy" in md
+    assert (
+        "| strategy | params_trainable | trained_% | similar/small | different/small |\n"
+        "|---|---|---|---|---|\n"
+        "| linear_probe | 25-50 | 2.5-5 | 70.0 ± 0.0 | 50.0 ± 0.0 |\n"
+        "| lora | 80-100 | 8-10 | 85.0 ± 12.4 | 60.0 ± 0.0 |\n"
+        "| vpt_deep | 35-60 | 3.5-6 | 75.0 ± 0.0 | 55.0 ± 0.0 |\n"
+    ) in md
+
+
+def test_a_report_without_peft_strategies_has_no_trained_share(tmp_path):
+    write_fake_peft_sweep(
+        tmp_path,
+        {
+            "linear_probe": {"similar": (50, 950, [0.7] * 3)},
+            "none": {"similar": (1000, 0, [0.8] * 3)},
+        },
+    )
+    written = report.write_report(str(tmp_path))
+    names = {os.path.relpath(p, tmp_path) for p in written}
+    assert "trained_fraction.csv" not in names
+    assert not (tmp_path / "plots" / "accuracy_vs_trained_fraction.png").exists()
+    assert "trained share" not in (tmp_path / "report.md").read_text()

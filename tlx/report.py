@@ -27,6 +27,9 @@ SEED = "seed"
 # Strategies whose frozen part is a fixed number of stages (the x axis of the frozen-stage plot).
 FREEZE_PRESETS = ("none", "freeze_early", "freeze_most", "linear_probe", "freeze_stages")
 BASELINES = ("scratch",)  # reported, but not candidates for a condition's winner
+# Parameter-efficient strategies (a study may name variants such as vpt_deep): a study with one
+# of them also gets test accuracy against the trained share of the parameters.
+PEFT = ("lora", "bitfit", "adapter", "vpt")
 TEXT = ("run", "cell")  # never numbers: a run hash such as '1234e5678901' would parse as inf
 # The seed's rule (DESIGN.md), defined once in tlx.strategies.presets: the strategy it
 # prescribes for each (size, similarity) quadrant.
@@ -240,6 +243,75 @@ def against_seed_table(
     return out
 
 
+def is_peft(strategy) -> bool:
+    """'lora', 'vpt_deep', ...: a parameter-efficient strategy or a variant of one."""
+    return str(strategy).split("_")[0] in PEFT
+
+
+def trained_fractions(rows: list[dict], axes: Sequence[str]) -> list[dict]:
+    """Per cell (the axes but the seed): the mean trained and frozen parameter counts over seeds,
+    the trained share trained / (trained + frozen) (the head counts as trained: VPT's "tuned /
+    total"), and the t-interval of test accuracy. Empty without the parameter counts."""
+    if not rows or not {"params_trainable", "params_frozen"} <= set(rows[0]):
+        return []
+    keys = [a for a in axes if a != SEED]
+    out = []
+    for key, group in group_by(rows, keys).items():
+        trained = float(np.mean([r["params_trainable"] for r in group]))
+        frozen = float(np.mean([r["params_frozen"] for r in group]))
+        row = dict(zip(keys, key, strict=True))
+        row.update(params_trainable=trained, params_frozen=frozen)
+        row["trained_fraction"] = trained / (trained + frozen)
+        row.update(t_interval([r[FIRST_FIGURE] for r in group]))
+        out.append(row)
+    return out
+
+
+def fraction_table(fractions: list[dict], between: str) -> list[dict]:
+    """One row per value of `between` (a strategy): its trained parameters and their share (%),
+    then 'mean ± half-width' of test accuracy (%) per condition (the other axes, joined by '/')."""
+    out: dict = {}
+    for r in fractions:
+        row = out.setdefault(r[between], {between: r[between], "counts": [], "shares": []})
+        row["counts"].append(round(r["params_trainable"]))
+        row["shares"].append(100 * r["trained_fraction"])
+        condition = "/".join(str(v) for k, v in r.items() if k not in (between, *_FRACTION_FIELDS))
+        half = (r["ci_high"] - r["ci_low"]) / 2
+        spread = "" if math.isnan(half) else f" ± {100 * half:.1f}"
+        row[condition] = f"{100 * r['mean']:.1f}{spread}"
+    table = []
+    for row in out.values():
+        counts, shares = row.pop("counts"), row.pop("shares")
+        table.append(
+            {
+                between: row.pop(between),
+                "params_trainable": _span(counts, str),
+                "trained_%": _span(shares, lambda x: f"{x:.3g}"),
+                **row,
+            }
+        )
+    return table
+
+
+def _span(values: list, fmt) -> str:
+    """'5' or '5-7': the range of values that may differ between conditions (e.g. head sizes)."""
+    lo, hi = min(values), max(values)
+    return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+
+# Fields of a trained_fractions row that are not the cell's axes.
+_FRACTION_FIELDS = (
+    "params_trainable",
+    "params_frozen",
+    "trained_fraction",
+    "n",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+)
+
+
 # -- tables ----------------------------------------------------------------------------------------
 def write_csv(path: str, rows: list[dict]) -> str:
     columns = []
@@ -382,6 +454,32 @@ def plot_lines(
     return path
 
 
+def plot_against_fraction(
+    fractions: list[dict], between: str, facet: Sequence[str], path: str
+) -> str:
+    """Mean test accuracy (95% interval as error bars) against the trained share of the
+    parameters (log scale), a point per `between` value, a panel per `facet` value. PNG + CSV."""
+    panels = group_by(fractions, facet) if facet else {(): fractions}
+    fig, axs = _figure(ncols=len(panels))
+    for ax, (key, group) in zip(axs, panels.items(), strict=True):
+        for r in group:
+            x, y = 100 * r["trained_fraction"], 100 * r["mean"]
+            half = 0.0 if math.isnan(r["ci_high"]) else 100 * (r["ci_high"] - r["ci_low"]) / 2
+            marker = "o" if is_peft(r[between]) else "s"
+            ax.errorbar([x], [y], yerr=[half], fmt=marker, capsize=2, label=str(r[between]))
+            ax.annotate(str(r[between]), (x, y), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(" ".join(str(k) for k in key), fontsize=9)
+        ax.set_xlabel("trained parameters (% of the model's)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axs[-1].legend(fontsize=6, title=between)
+    fig.savefig(path, dpi=120)
+    write_csv(path[:-4] + ".csv", fractions)
+    return path
+
+
 def learning_curves(workdir: str, rows: list[dict], axes: Sequence[str]) -> list[dict]:
     """Training loss and accuracy against step of each cell's chosen run, averaged over seeds:
     one row per (condition, step). A step logged twice (a resumed run) counts once, the last."""
@@ -511,6 +609,19 @@ def write_report(workdir: str) -> list[str]:
                     logx=True,
                 )
             )
+    fractions = []
+    if between == "strategy" and any(is_peft(r["strategy"]) for r in rows):
+        fractions = trained_fractions(rows, axes)
+    if fractions:
+        written.append(write_csv(os.path.join(workdir, "trained_fraction.csv"), fractions))
+        written.append(
+            plot_against_fraction(
+                fractions,
+                between,
+                [a for a in ("similarity", "size") if a in conditions] or conditions,
+                os.path.join(plots, "accuracy_vs_trained_fraction.png"),
+            )
+        )
     curves = learning_curves(workdir, rows, axes)
     if curves:
         facet = [a for a in conditions if a not in ("examples_per_class", "similarity")]
@@ -519,7 +630,9 @@ def write_report(workdir: str) -> list[str]:
                 curves, between or conditions[0], facet, os.path.join(plots, "learning_curves.png")
             )
         )
-    written.append(_write_markdown(workdir, summary, paired, win, axes, between, seed_rows))
+    written.append(
+        _write_markdown(workdir, summary, paired, win, axes, between, seed_rows, fractions)
+    )
     return written
 
 
@@ -532,7 +645,7 @@ def _dependency_references(workdir: str) -> dict:
     return {d["cell"]: d["test_accuracy"] for d in deps if d.get("cell")}
 
 
-def _write_markdown(workdir, summary, paired, win, axes, between, seed_rows=()) -> str:
+def _write_markdown(workdir, summary, paired, win, axes, between, seed_rows=(), fractions=()):
     keys = [a for a in axes if a != SEED]
     parts = [
         "## Test accuracy (%): mean, std and 95% t-interval over seeds",
@@ -552,6 +665,12 @@ def _write_markdown(workdir, summary, paired, win, axes, between, seed_rows=()) 
                 f"## Seconds per run by {between} (mean of the chosen runs; 2-core CPU here)",
                 markdown(pivot(summary, axes, between, "wall_s_mean")),
             ]
+    if fractions:
+        parts += [
+            f"## Test accuracy (%) against the trained share of the parameters, by {between} "
+            "(trained = everything that trains, head included; share = trained / all)",
+            markdown(fraction_table(fractions, between)),
+        ]
     if win:
         cols = [c for c in win[0] if c not in ("winner_mean",)]
         parts += [
