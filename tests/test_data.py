@@ -397,6 +397,7 @@ def test_preprocessing_size_channels_normalisation(data_dir, small):
         "image_shape": [24, 24, 3],
         "data_dir": str(data_dir),
         "input": {"path": "memory", "reason": digits.input["reason"]},
+        "fingerprint": data.fingerprint(config(data_dir, "digits", image_size=24)),
     }
     assert digits.input["reason"].startswith("auto: decoded train+test ")
 

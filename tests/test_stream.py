@@ -17,7 +17,7 @@ from etils import epath
 from PIL import Image
 
 from tlx import data
-from tlx.data import fractaldb, ops, stream
+from tlx.data import fractaldb, ops, pipeline, stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_FRACTALS = dict(num_classes=4, train_per_class=10, test_per_class=5)
@@ -169,7 +169,6 @@ def test_resize_small_and_central_crop():
 
 def test_normalisation_is_defined_once():
     from tlx import imagenet
-    from tlx.data import pipeline
 
     assert imagenet.NORMALIZATION is ops.NORMALIZATION
     x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
@@ -298,7 +297,13 @@ def test_a_corrupt_record_is_named(tmp_path):
         file_format="array_record"
     )
     cfg = config(tmp_path, "tlx_corrupt_catalog", in_memory="false", val_fraction=0.0)
-    ds = data.load(cfg)  # labels read fine: images are decoded only when used
+    # Loading decodes the records its fingerprint samples (every one of a small split): named.
+    with pytest.raises(stream.CorruptRecordError, match=r"train record 7 cannot be read: "):
+        data.load(cfg)
+    # A record outside the sample is named when a batch decodes it (opened without loading.load,
+    # which would have named it first here).
+    data_dir, params = pipeline.resolve_data_dir(cfg), pipeline.builder_params(cfg)
+    ds = stream.StreamingDataset.open(cfg, data_dir, params, "test")  # labels only: fine
     with pytest.raises(stream.CorruptRecordError, match=r"train record 7: cannot decode image"):
         list(ds.eval_batches("train", 16))
 

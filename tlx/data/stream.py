@@ -106,19 +106,24 @@ class Source:
     def read(self, split: str, indices) -> list[dict]:
         """The records at ``indices`` of ``split``; a record that fails is named."""
         source, _, _ = self.open(split)
-        indices = [int(i) for i in indices]
-        try:
-            return source.__getitems__(indices)
-        except Exception:  # find which record; re-raise naming it
-            for i in indices:
-                try:
-                    source[i]
-                except Exception as e:
-                    raise CorruptRecordError(
-                        f"dataset {self.name!r} under {self.data_dir}: {split} record {i} cannot "
-                        f"be read: {type(e).__name__}: {e}"
-                    ) from e
-            raise
+        return read_records(source, f"dataset {self.name!r} under {self.data_dir}", split, indices)
+
+
+def read_records(source, dataset: str, split: str, indices) -> list[dict]:
+    """The records at ``indices`` of a random-access ``source``; one that cannot be read (or
+    decoded) raises CorruptRecordError naming it ('``dataset``: SPLIT record I cannot be read')."""
+    indices = [int(i) for i in indices]
+    try:
+        return source.__getitems__(indices)
+    except Exception:  # find which record; re-raise naming it
+        for i in indices:
+            try:
+                source[i]
+            except Exception as e:
+                raise CorruptRecordError(
+                    f"{dataset}: {split} record {i} cannot be read: {type(e).__name__}: {e}"
+                ) from e
+        raise
 
 
 @functools.lru_cache(maxsize=16)
@@ -372,7 +377,7 @@ class StreamingDataset:
     workers: int = 2
     data_dir: str = ""
     input: dict = dataclasses.field(default_factory=dict)
-    fingerprint: str = ""  # of the source as built (`pipeline.fingerprint`)
+    fingerprint: str = ""  # of the source as built (`tlx.data.loading.fingerprint`)
 
     @classmethod
     def open(cls, cfg: ml_collections.ConfigDict, data_dir: str, params: tuple, reason: str):
@@ -417,7 +422,6 @@ class StreamingDataset:
             workers=workers,
             data_dir=data_dir,
             input={"path": "stream", "reason": reason, "workers": workers},
-            fingerprint=pipeline.fingerprint(cfg.name, data_dir, params),
         )
 
     @property
