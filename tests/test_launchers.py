@@ -53,3 +53,18 @@ def test_independent_sweeps_on_one_directory_train_every_run_once(tmp_path, tmp_
     for o in outs:
         assert re.search(r"21 runs \(\d+ trained, \d+ read\)", o)
     assert table(tmp_path / "results.csv") == local
+
+
+def test_the_ray_launcher_without_ray_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    from tlx import sweep as sweep_lib
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.setattr(sweep_lib, "execute", lambda *a: pytest.fail("trained"))
+    rc = sweep_lib.main(
+        [f"--config={TINY}", f"--workdir={tmp_path}", "--launcher=ray", "--no_report"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == (
+        "tlx.sweep: ValueError: --launcher=ray needs ray: `make ray` (or pip install -r "
+        "requirements-ray.txt)"
+    )

@@ -573,16 +573,22 @@ def main(argv=None):
         ray_options = dict(
             address=args.ray_address, cpus=args.ray_cpus_per_run, gpus=args.ray_gpus_per_run
         )
-    rows = run_sweep(
-        args.config, args.workdir, args.parallel, launcher=args.launcher, **ray_options
-    )
+    try:
+        rows = run_sweep(
+            args.config, args.workdir, args.parallel, launcher=args.launcher, **ray_options
+        )
+    except (ValueError, KeyError, FileNotFoundError) as e:  # the user's: one line, exit 1
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"tlx.sweep: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
     if not args.no_report and rows:
         from tlx import report
 
         for path in report.write_report(args.workdir):
             print(f"[sweep] wrote {path}")
     sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
