@@ -185,11 +185,6 @@ def verify(step_dir: str) -> str | None:
 
 
 # -- resume: the run a directory holds against the one asked for ---------------------------------
-def comparable(tree: dict) -> dict:
-    """A resolved config (as a dict) without the keys that don't change a run (rundir)."""
-    return rundir.comparable(tree)
-
-
 def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """[(dotted key, old value, new value)] where two config trees differ."""
     out = []
@@ -232,7 +227,7 @@ def check_resume(
     if old is None:
         return [], False
     history = list(old.get("resume_history", []))
-    diff = differences(comparable(old), comparable(tree))
+    diff = differences(rundir.comparable(old), rundir.comparable(tree))
     if not diff:
         return history, False
     shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:8])

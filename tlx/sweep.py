@@ -45,8 +45,6 @@ import time
 
 from tlx import launchers, rundir
 
-# Keys of a resolved config that don't change what a run computes: left out of its hash.
-HASH_IGNORE = rundir.IGNORE
 # Per-cell columns of results.csv after the axes (then the chosen grid values, then timing).
 FIGURES = (
     "test_accuracy",
@@ -159,13 +157,10 @@ def resolve(cell: dict, point: dict, init_run: str | None):
 
 def config_hash(config) -> str:
     """The hash of a resolved config (a ConfigDict, or a dict such as a run's config.json), over
-    its JSON form (tuples as lists), without the HASH_IGNORE keys (and fields added since runs
-    existed, at their default: `rundir.comparable`)."""
-    if isinstance(config, dict):
-        tree = json.loads(json.dumps(config, default=str))
-    else:
-        tree = json.loads(config.to_json_best_effort())
-    tree = rundir.comparable(tree)
+    its JSON form (tuples as lists), without the keys that don't change what a run computes
+    (`rundir.comparable`: rundir.IGNORE, and fields added since runs existed, at their default)."""
+    tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
+    tree = rundir.comparable(tree)  # a JSON round trip of its own
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

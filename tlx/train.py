@@ -53,7 +53,7 @@ def run(config, workdir: str, resume: str = "auto") -> dict:
     # Before anything is written: a batch the devices (of all processes) cannot split.
     parallel.check_batch_size(config.batch_size)
     parallel.check_batch_size(config.eval_batch_size or config.batch_size, "eval_batch_size")
-    distributed.check_same(checkpoint.comparable(json.loads(config.to_json_best_effort())))
+    distributed.check_same(rundir.comparable(json.loads(config.to_json_best_effort())))
     workdir = os.path.abspath(workdir)
     with rundir.lock(workdir, process=jax.process_index()):
         return _run(config, workdir, resume, t_start)
