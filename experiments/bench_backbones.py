@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tlx import models
+from tlx import compiler, models
 
 NUM_CLASSES = 10
 
@@ -83,7 +83,7 @@ def tlx_step(backbone, mode, batch, size, depthwise_impl="shifted"):
             return (optax.apply_updates(head, updates), opt), loss
 
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, x, y).compile()
+    compiled = compiler.jit(step, donate_argnums=0).lower(state, x, y).compile()
     compile_s = time.perf_counter() - t0
     box = [state]
 

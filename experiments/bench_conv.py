@@ -12,10 +12,14 @@ CIFAR stem (3x3/1, no max-pool); resnet50 at batch 32, 64 px, ImageNet stem. Ste
   forward  tlx only: the forward pass alone (train=False), the floor of the probe step.
 JAX steps are bare (value_and_grad + optax.adamw, the backbone passed as an argument);
 `fast` is conv='fast' (tlx.models.conv), `xla` is conv='xla' (lax.conv_general_dilated with
-XLA's autodiff). torch: tlx.convert.torch_reference's torchvision-layout ResNet (CIFAR stem
-swapped in for resnet18), torch.set_num_threads(os.cpu_count()). The last lines are
-`<model>_full_over_torch=`, `<model>_probe_over_torch=` (median fast / median torch), the same
-for xla, and `<model>_probe_over_forward=` (fast: the freeze contract, at most 1.15). CPU s is
+XLA's autodiff), both compiled with tlx's compiler options (`tlx.compiler.options()`: on CPU,
+convolutions to XLA's Eigen instead of YNNPACK), as every tlx run compiles its steps;
+`xla_defaults` is conv='xla' compiled with XLA's default options (YNNPACK convolutions): what a
+bare `jax.jit` gets, and what tlx ran before it passed its own. torch:
+tlx.convert.torch_reference's torchvision-layout ResNet (CIFAR stem swapped in for resnet18),
+torch.set_num_threads(os.cpu_count()). The last lines are `<model>_full_over_torch=`,
+`<model>_probe_over_torch=` (median fast / median torch), the same for xla and xla_defaults,
+and `<model>_probe_over_forward=` (fast: the freeze contract, at most 1.15). CPU s is
 this process's CPU time per step (torch's OpenMP threads spin while they wait, which counts).
 Under load (other processes on the cores) torch eager slows down far more than XLA: compare the
 minima then, and note the load average printed beside the figures.
@@ -31,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tlx import models
+from tlx import compiler, models
 
 NUM_CLASSES = 10
 SETUPS = {  # model -> (batch, size, stem)
@@ -42,8 +46,10 @@ SETUPS = {  # model -> (batch, size, stem)
 STAGES = ("stem", "stage1", "stage2", "stage3", "stage4")
 
 
-def jax_step(backbone, mode, conv):
+def jax_step(backbone, mode, impl):
     """A compiled step and its state; returns run() (one step, blocking)."""
+    conv = "xla" if impl == "xla_defaults" else impl
+    options = None if impl == "xla_defaults" else compiler.options()
     batch, size, stem = SETUPS[backbone]
     frozen = STAGES if mode == "probe" else ()
     model = models.build(backbone, NUM_CLASSES, stem=stem, conv=conv, frozen_bn=frozen)
@@ -69,7 +75,7 @@ def jax_step(backbone, mode, conv):
             updates, opt = tx.update(grads, opt, params)
             return (optax.apply_updates(params, updates), upd["batch_stats"], opt), value
 
-        compiled = jax.jit(step, donate_argnums=0).lower(state).compile()
+        compiled = jax.jit(step, donate_argnums=0).lower(state).compile(options)
     elif mode == "probe":
         backbone_params = {k: v for k, v in params.items() if k != "head"}
         state = (params["head"], tx.init(params["head"]))
@@ -83,14 +89,15 @@ def jax_step(backbone, mode, conv):
             return (optax.apply_updates(head, updates), opt), value
 
         lowered = jax.jit(step, donate_argnums=0).lower(state, backbone_params, stats)
-        compiled = functools_partial(lowered.compile(), backbone_params, stats)
+        compiled = functools_partial(lowered.compile(options), backbone_params, stats)
     else:  # forward
         state = None
 
         def step(_, variables):
             return None, model.apply(variables, x, train=False)
 
-        compiled = functools_partial(jax.jit(step).lower(None, variables).compile(), variables)
+        lowered = jax.jit(step).lower(None, variables)
+        compiled = functools_partial(lowered.compile(options), variables)
     box = [state]
 
     def run():
@@ -153,7 +160,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--modes", default="full,probe")
-    parser.add_argument("--impls", default="fast,xla,torch")
+    parser.add_argument("--impls", default="fast,xla,xla_defaults,torch")
     args = parser.parse_args()
 
     import torch
@@ -161,7 +168,8 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}",
+        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}; "
+        f"tlx compiler options {compiler.options()}",
         flush=True,
     )
     configs = {}  # (model, mode, impl) -> run
@@ -213,7 +221,7 @@ def main():
         )
     print()
     for backbone in args.models.split(","):
-        for impl, tag in (("fast", ""), ("xla", "_xla")):
+        for impl, tag in (("fast", ""), ("xla", "_xla"), ("xla_defaults", "_xla_defaults")):
             for mode in ("full", "probe"):
                 key, ref = (backbone, mode, impl), (backbone, mode, "torch")
                 if key in med and ref in med:

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tlx import compiler, freeze, models, strategies
 from tlx import config as tlx_config
-from tlx import freeze, models, strategies
 from tlx.step import cross_entropy
 
 STRATEGIES = (
@@ -63,7 +63,7 @@ def timed(step, state, batch):
 
 
 def build_tlx(c, model, variables, plan, batch):
-    step = jax.jit(plan.train_step(model), donate_argnums=0)
+    step = compiler.jit(plan.train_step(model), donate_argnums=0)
     return timed(step, plan.init_state(jax.tree.map(jnp.array, variables)), batch)
 
 
@@ -110,11 +110,11 @@ def build_bare(c, model, variables, plan, batch):
         return (optax.apply_updates(tr, u), frozen, opt_state, bs), loss
 
     state = (trainable, frozen, tx.init(trainable), variables["batch_stats"])
-    return timed(jax.jit(step, donate_argnums=0), jax.tree.map(jnp.array, state), batch)
+    return timed(compiler.jit(step, donate_argnums=0), jax.tree.map(jnp.array, state), batch)
 
 
 def build_forward(model, variables, batch):
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    fwd = compiler.jit(lambda v, x: model.apply(v, x, train=False))
     return lambda: jax.block_until_ready(fwd(variables, batch["image"]))
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlx import checkpoint, models, probe
+from tlx import checkpoint, compiler, models, probe
 from tlx import config as tlx_config
 from tlx import data as tlx_data
 
@@ -116,7 +116,7 @@ def train_features(model, variables, config, dataset, stages, batch_size: int, c
         with np.load(path) as f:
             return {s: f[s] for s in stages}, f["__labels__"], info
     t = time.time()
-    fn = jax.jit(lambda v, x: stage_features(model, v, x, stages))
+    fn = compiler.jit(lambda v, x: stage_features(model, v, x, stages))
     chunks = {s: [] for s in stages}
     for batch in dataset.eval_batches("train", batch_size):
         out = jax.device_get(fn(variables, batch["image"]))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlx import freeze
+from tlx import compiler, freeze
 from tlx.data import pipeline
 
 SPLITS = ("train", "val", "test")
@@ -116,7 +116,7 @@ def cached(config, dataset, model, variables, batch_size: int):
         info["hit"] = True
     else:
         t = time.time()
-        fn = jax.jit(lambda v, x: backbone_features(model, v, x))
+        fn = compiler.jit(lambda v, x: backbone_features(model, v, x))
         v = {"params": params, "batch_stats": batch_stats}
         arrays = {}
         for split in SPLITS:

@@ -14,12 +14,11 @@ steps measures the backbone, not the sample. Features: the head's input, in eval
 import dataclasses
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
+from tlx import compiler, probe
 from tlx import data as tlx_data
-from tlx import probe
 from tlx.data import roles
 from tlx.features import backbone_features
 
@@ -79,7 +78,7 @@ def make_fewshot_evaluator(config, model):
             for s in range(int(fc.seeds))
         }
         targets[name] = (ds, draws)
-    features = jax.jit(lambda v, x: backbone_features(model, v, x))
+    features = compiler.jit(lambda v, x: backbone_features(model, v, x))
 
     def extract(variables, ds, split, index=None):
         if index is not None:  # the same preprocessing, on a subset of the split

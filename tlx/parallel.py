@@ -14,6 +14,8 @@ from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tlx import compiler
+
 AXIS = "data"
 MODES = ("jit", "pmap")
 
@@ -85,8 +87,8 @@ class Runner:
     def train_step(self, fn):
         """fn(state, batch) -> (state, metrics); pmap'd fns must pmean themselves."""
         if self.mode == "pmap":
-            return jax.pmap(fn, axis_name=AXIS, donate_argnums=0)
-        return jax.jit(
+            return compiler.pmap(fn, axis_name=AXIS, donate_argnums=0)
+        return compiler.jit(
             fn,
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
@@ -95,7 +97,7 @@ class Runner:
 
     def eval_step(self, fn):
         """fn(variables, batch) -> sums; always jit over the mesh (no BatchNorm sync in eval)."""
-        return jax.jit(
+        return compiler.jit(
             fn, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated
         )
 

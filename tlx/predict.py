@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 
-from tlx import imagenet, models
+from tlx import compiler, imagenet, models
 from tlx.convert import pretrained
 
 
@@ -41,9 +41,8 @@ def predict(
     x = np.stack(
         [imagenet.preprocess(im, image_size, normalization, crop_fraction) for im in images]
     )
-    probs = np.asarray(
-        jax.nn.softmax(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x), axis=-1)
-    )
+    forward = compiler.jit(lambda v, x: model.apply(v, x, train=False))
+    probs = np.asarray(jax.nn.softmax(forward(variables, x), axis=-1))
     top = np.argsort(-probs, axis=-1, kind="stable")[:, :topk]
     return [[(int(c), float(p[c])) for c in row] for row, p in zip(top, probs, strict=True)]
 

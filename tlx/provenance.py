@@ -1,6 +1,7 @@
 """What a run ran on and with: the code's commit (and whether the tree was dirty), package
-versions, the platform (CPU model, accelerator, XLA flags). Recorded in summary.json, outside the
-config, so it never enters a run's hash: two machines agree on what to run, not on its bits.
+versions, the platform (CPU model, accelerator, XLA flags, the compiler options tlx passes).
+Recorded in summary.json, outside the config, so it never enters a run's hash: two machines
+agree on what to run, not on its bits.
 """
 
 import functools
@@ -8,6 +9,8 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+
+from tlx import compiler
 
 PACKAGES = (
     "jax",
@@ -35,6 +38,7 @@ def collect() -> dict:
         "devices": f"{len(devices)} x {devices[0].device_kind}" if devices else "",
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": compiler.options() or {},
     }
 
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tlx import compiler, transforms
 from tlx import step as step_lib
-from tlx import transforms
 from tlx.strategies.base import Strategy, register
 
 
@@ -49,7 +49,7 @@ def _hook(ctx):
         if info.phase not in compiled:
             model = info.model.clone(axis_name=None)
             r = info.runner
-            compiled[info.phase] = jax.jit(
+            compiled[info.phase] = compiler.jit(
                 step_lib.make_grad_fn(model, info.label_smoothing),
                 in_shardings=(r.replicated, r.replicated, r.batch_sharding),
                 out_shardings=r.replicated,

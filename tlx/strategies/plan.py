@@ -4,7 +4,7 @@ builds a run's optimizer, state and train step from a config and a model.
 
     plan = strategies.plan(config, variables, steps_per_epoch)
     state = plan.init_state(variables)
-    step = jax.jit(plan.train_step(model))
+    step = tlx.compiler.jit(plan.train_step(model))  # jax.jit with tlx's compiler options
 
 Each phase is one optimizer and one compilation. A strategy that adds parameters (LoRA, adapters,
 prompts) has them added by `init_state`, and `model` returns the model as the strategy runs it.
