@@ -90,6 +90,8 @@ def lr_grid(strategy: str, grid: str) -> list[dict]:
     if grid == "default":
         return [{}]
     if grid == "tiny":  # two candidates: the choice is exercised, cheaply
+        if strategy == "linear_probe":  # the backbone LR does nothing here
+            return [{"optim.head_lr": 1e-2}, {"optim.head_lr": 3e-2}]
         return [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}]
     if grid != "full":
         raise ValueError(f"peft: grid must be full, default or tiny, got {grid!r}")

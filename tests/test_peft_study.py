@@ -106,3 +106,7 @@ def test_peft_strategies_choose_the_rate_of_what_they_train_with_the_head_at_1e_
     cells = {c["name"]: c for c in study.get_sweep()}
     assert cells["different/large/adapter/0"]["grid"] == study.lr_grid("adapter", "full")
     assert len(cells["similar/small/linear_probe/0"]["grid"]) == 2
+    # The tiny grid too varies what a probe trains, the head's rate, not the unused backbone's.
+    probe = [{"optim.head_lr": 1e-2}, {"optim.head_lr": 3e-2}]
+    assert study.lr_grid("linear_probe", "tiny") == probe
+    assert study.lr_grid("lora", "tiny") == [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}]

@@ -305,6 +305,10 @@ def test_rows_without_parameter_counts_have_no_trained_fractions():
     rows = rows_of({("digits", "small", "lora"): [0.80, 0.85, 0.90]})
     assert report.trained_fractions(rows, AXES) == []
     assert report.trained_fractions([], AXES) == []
+    # A mix (an older run first): only the counted rows make fractions, whatever their order.
+    counted = counted_rows({("digits", "small", "bitfit"): (10, 990, [0.6, 0.7, 0.8])})
+    (bitfit,) = report.trained_fractions(rows + counted, AXES)
+    assert bitfit["strategy"] == "bitfit" and bitfit["trained_fraction"] == pytest.approx(0.01)
 
 
 def test_the_fraction_table_has_a_column_per_condition_and_spans_differing_head_sizes():

@@ -251,8 +251,10 @@ def is_peft(strategy) -> bool:
 def trained_fractions(rows: list[dict], axes: Sequence[str]) -> list[dict]:
     """Per cell (the axes but the seed): the mean trained and frozen parameter counts over seeds,
     the trained share trained / (trained + frozen) (the head counts as trained: VPT's "tuned /
-    total"), and the t-interval of test accuracy. Empty without the parameter counts."""
-    if not rows or not {"params_trainable", "params_frozen"} <= set(rows[0]):
+    total"), and the t-interval of test accuracy. Rows without the parameter counts (runs from
+    before tlx recorded them) are left out; empty when no row has them."""
+    rows = [r for r in rows if {"params_trainable", "params_frozen"} <= set(r)]
+    if not rows:
         return []
     keys = [a for a in axes if a != SEED]
     out = []
