@@ -131,6 +131,14 @@ def _records(workdir):
         return [json.loads(line) for line in f]
 
 
+# Another topology sums the gradient all-reduce in another order (gloo across processes), a few
+# ulps apart; AdamW's first steps divide by sqrt(v), so an element whose gradient is near zero
+# turns that into up to ~lr. Measured (resnet_tiny, lr 3e-4, 6 steps): the worst element differs
+# by 1.3e-5 (it moved 2.8e-5), 0.4% of one kernel's elements by over 1e-6, while the median element
+# moved 2.9e-4; a batch fed to the wrong devices or processes would change most elements by ~lr.
+TOPOLOGY_ATOL = 5e-5
+
+
 def _max_diff(a, b):
     assert a.keys() == b.keys()
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a if a[k].size)
@@ -152,7 +160,7 @@ def two_by_two(tmp_path_factory, source, env):
 
 def test_two_processes_end_where_one_process_with_all_devices_does(one_by_four, two_by_two, source):
     w2, res = two_by_two
-    assert _max_diff(_params(one_by_four), _params(w2)) <= 1e-5
+    assert _max_diff(_params(one_by_four), _params(w2)) <= TOPOLOGY_ATOL
     for w in (one_by_four, w2):
         _frozen_equal_source(w, source)
     s1, s2 = (json.load(open(os.path.join(w, "summary.json"))) for w in (one_by_four, w2))
@@ -173,7 +181,7 @@ def test_pmap_spans_both_processes(tmp_path, source, env):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     _run(a, 1, 4, _finetune(source, "--config.parallel=pmap"), env)
     _run(b, 2, 2, _finetune(source, "--config.parallel=pmap"), env)
-    assert _max_diff(_params(a), _params(b)) <= 1e-5
+    assert _max_diff(_params(a), _params(b)) <= TOPOLOGY_ATOL
     _frozen_equal_source(b, source)
 
 

@@ -63,10 +63,15 @@ def jit(fn, **kwargs):
 
 def pmap(fn, **kwargs):
     """`jax.pmap` with `options()` (pmap takes none: each new argument signature is
-    lowered and compiled with them on its first call)."""
+    lowered and compiled with them on its first call).
+
+    Over several processes it is plain `jax.pmap`, XLA's defaults: there pmap's ahead-of-time
+    executable is compiled for the global arguments and refuses the process-local ones a
+    pmap'd step is called with (jaxlib 0.10.2). The default mode, jit, has the options everywhere.
+    """
     mapped = jax.pmap(fn, **kwargs)
     opts = options()
-    if opts is None:
+    if opts is None or jax.process_count() > 1:
         return mapped
     cache = {}
 
