@@ -46,11 +46,13 @@ ray: $(RAY_STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_freeze.py
 
-# The ablation studies of the README's "Reading an ablation" (about 3 h on 2 cores), each
-# NAME=CONFIG, then their tables and plots copied beside the code (runs/ is not committed).
+# The ablation studies of the README's "Reading an ablation" (hours on 2 cores; the README gives
+# each study's time), each NAME=CONFIG, then their tables and plots copied beside the code (runs/
+# is not committed).
 STUDIES := quadrants=configs/quadrants.py yosinski=configs/yosinski.py \
 	quadrants_small3=configs/quadrants.py:small=3,sizes=small,batch_size=30 \
-	source_scale=configs/source_scale.py
+	source_scale=configs/source_scale.py \
+	peft=configs/peft.py:image_size=16,steps=100,batch_size=32
 ablations: $(STAMP)
 	for study in $(STUDIES); do \
 	  s=$${study%%=*}; start=$$(date +%s); \
