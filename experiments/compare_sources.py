@@ -37,8 +37,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     acc = defaultdict(dict)  # (target, strategy, source) -> {seed: test accuracy in pp}
     for row in csv.DictReader(open(args.results)):
-        acc[(row["target"], row["strategy"], row["source"])][row["seed"]] = 100 * float(row["test_accuracy"])
-    sources = sorted({k[2] for k in acc if k[1] != "scratch"}, key=lambda s: [int(x) for x in s.split("x")])
+        key = (row["target"], row["strategy"], row["source"])
+        acc[key][row["seed"]] = 100 * float(row["test_accuracy"])
+    sources = {k[2] for k in acc if k[1] != "scratch"}
+    sources = sorted(sources, key=lambda s: [int(x) for x in s.split("x")])
     targets = sorted({k[0] for k in acc})
     strategies = sorted({k[1] for k in acc if k[1] != "scratch"})
     print("target strategy a b n mean_diff_pp ci_low ci_high every_seed")
@@ -49,7 +51,8 @@ def main(argv=None) -> None:
         mean, lo, hi = paired([a[s] for s in seeds], [b[s] for s in seeds])
         signs = {math.copysign(1, a[s] - b[s]) for s in seeds if a[s] != b[s]}
         every = "yes" if len(signs) == 1 and all(a[s] != b[s] for s in seeds) else "no"
-        print(f"{target} {strategy} {a_name} {b_name} {len(seeds)} {mean:.2f} {lo:.2f} {hi:.2f} {every}")
+        n = len(seeds)
+        print(f"{target} {strategy} {a_name} {b_name} {n} {mean:.2f} {lo:.2f} {hi:.2f} {every}")
 
     for target, strategy in itertools.product(targets, strategies):
         for a, b in itertools.combinations(sources, 2):
