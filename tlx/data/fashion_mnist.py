@@ -52,10 +52,18 @@ FILES = {
 # 0.0~git20200523.55506a9-1 (the content, not the gzip stream: a re-compressed copy of the same
 # files passes).
 SHA256 = {
-    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+    ),
 }
 # split -> examples per class (10 classes): 60000 train, 10000 test.
 PER_CLASS = {"train": 6000, "test": 1000}
@@ -95,10 +103,11 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     digest = hashlib.sha256(raw).hexdigest()
-    if digest != SHA256.get(name):
+    expected = SHA256.get(name, "")
+    if digest != expected:
         raise ValueError(
             f"fashion_mnist: {path} has sha256 {digest[:16]}..., not Fashion-MNIST's "
-            f"{str(SHA256.get(name))[:16]}...: delete {os.path.dirname(path)} and run `{MAKE_TARGET}`"
+            f"{expected[:16]}...: delete {os.path.dirname(path)} and run `{MAKE_TARGET}`"
         )
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:2] != b"\0\0" or raw[2] != _IDX_UBYTE or raw[3] != ndim:

@@ -1,11 +1,11 @@
 """From a prepared TFDS dataset to the batches the train loop consumes.
 
 ``load(cfg)`` builds the dataset once if it is one of tlx's own (``fractals``, ``digits``,
-``mnist5k``, ``lfw_subset``, ``fashion_mnist``) or finds a TFDS catalog dataset the user prepared in array_record
-format; reads every split through ``builder.as_data_source`` (what ``tfds.data_source`` returns,
-random access, no TensorFlow) with a grain pipeline; resizes and converts channels **once per
-split, in memory**; carves a validation split and an optional per-class subsample from train; and
-returns a `Dataset`.
+``mnist5k``, ``lfw_subset``, ``fashion_mnist``) or finds a TFDS catalog dataset the user prepared
+in array_record format; reads every split through ``builder.as_data_source`` (what
+``tfds.data_source`` returns, random access, no TensorFlow) with a grain pipeline; resizes and
+converts channels **once per split, in memory**; carves a validation split and an optional
+per-class subsample from train; and returns a `Dataset`.
 
 Why preprocess once in memory: these datasets are small (the default fractals source is 7500 x
 32x32x3 uint8 = 23 MB), so decoding and resizing every image every epoch would spend the 2 CPU
