@@ -30,9 +30,12 @@ class DatasetNotPreparedError(FileNotFoundError):
     array_record format, or the files of an optional extra (`make fashion-mnist`)."""
 
 
+DEFAULT_DATA_DIR = "~/.cache/tlx/tensorflow_datasets"
+
+
 def default_data_dir() -> str:
     """``$TLX_DATA_DIR`` if set, else ``~/.cache/tlx/tensorflow_datasets``."""
-    return os.environ.get("TLX_DATA_DIR") or os.path.expanduser("~/.cache/tlx/tensorflow_datasets")
+    return os.environ.get("TLX_DATA_DIR") or os.path.expanduser(DEFAULT_DATA_DIR)
 
 
 class PackagedBuilder(tfds.core.GeneratorBasedBuilder):
