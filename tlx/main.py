@@ -30,6 +30,8 @@ def parse(argv: list[str]) -> tuple[str, str, dict, str, dict]:
     args = list(argv)
     while args:
         arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            raise HelpRequested
         if not arg.startswith("--"):
             raise UsageError(f"unexpected argument {arg!r}")
         name, sep, value = arg[2:].partition("=")
@@ -67,10 +69,17 @@ class UsageError(Exception):
     pass
 
 
+class HelpRequested(Exception):
+    """-h or --help among the arguments: print the usage and the flags, exit 0."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         spec, workdir, overrides, resume, dist = parse(argv)
+    except HelpRequested:
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
     except UsageError as e:
         print(f"tlx.main: {e}\n{USAGE}", file=sys.stderr)
         return 2

@@ -553,7 +553,11 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tlx.sweep",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's own lines
+    )
     ap.add_argument("--config", required=True, help="configs/STUDY.py[:ARGS]")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes")
