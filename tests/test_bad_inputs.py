@@ -6,9 +6,13 @@ The cases run `tlx.main.main(argv)` in this process (its return value is the exi
 run as real subprocesses to check that status end to end.
 """
 
+import errno
 import hashlib
+import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -206,3 +210,152 @@ def test_the_exit_status_reaches_the_shell():
         )  # fmt: skip
         assert out.returncode == status, out.stderr
         assert "Traceback" not in out.stderr and time.time() - t < 120
+
+
+# -- run directories whose records cannot be read, signals, full disks, read-only workdirs ---------
+def _copy(finished, tmp_path):
+    """A copy of the finished run to damage (without its lock)."""
+    dest = tmp_path / "run"
+    shutil.copytree(finished, dest, ignore=shutil.ignore_patterns(".lock"))
+    return str(dest)
+
+
+def _damage_checksums(workdir):
+    step = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    path = os.path.join(workdir, "checkpoints", str(step), "tlx_sha256.json")
+    with open(path, "r+") as f:
+        f.truncate(7)
+    return "tlx_sha256.json"
+
+
+@pytest.mark.parametrize(
+    ("record", "extra"),
+    [("config.json", ["--config.total_steps=80"]), ("summary.json", []), ("checksums", [])],
+)
+def test_an_unreadable_record_refuses_the_run_in_one_line_and_rewrites_nothing(
+    finished, tmp_path, capsys, record, extra
+):
+    workdir = _copy(finished, tmp_path)
+    if record == "checksums":
+        name = _damage_checksums(workdir)
+    else:
+        name = record
+        with open(os.path.join(workdir, name), "r+") as f:
+            f.truncate(9)
+    before = _snapshot(workdir)
+    got, lines, err = _main([f"--config={SPEC}", f"--workdir={workdir}", *BASE, *extra], capsys)
+    assert got == 1, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(rf"Unreadable: \S*{name} cannot be read: .*--resume=force", lines[0]), lines[0]
+    assert _snapshot(workdir) == before
+
+
+def test_resume_force_over_an_unreadable_config_continues_and_records_it(
+    finished, tmp_path, capsys
+):
+    workdir = _copy(finished, tmp_path)
+    with open(os.path.join(workdir, "config.json"), "r+") as f:
+        f.truncate(9)
+    got, _, err = _main(
+        [f"--config={SPEC}", f"--workdir={workdir}", *BASE, "--resume=force"], capsys
+    )
+    assert got == 0, err
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["total_steps"] == 4 and config["resume_history"][0]["changed"] == {
+        "config.json": ["<unreadable>", "<this config>"]
+    }
+
+
+def _wait_for(predicate, proc, seconds=300):
+    t = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < seconds
+        time.sleep(0.2)
+
+
+def test_sigint_and_sigterm_save_the_step_they_land_on_and_say_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT) while training: a checkpoint at that step, one line saying how to resume;
+    the same command resumes from that step ("resuming from step N"), and SIGTERM does the same."""
+    workdir = str(tmp_path / "run")
+    argv = [sys.executable, "-m", "tlx.main", f"--config={SPEC.replace('steps=4', 'steps=100000')}",
+            f"--workdir={workdir}", *BASE, "--config.checkpoint_every=0", "--config.log_every=1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    steps = []
+    for sig, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        start = steps[-1] if steps else 0
+        _wait_for(lambda s=start: os.path.exists(metrics) and
+                  sum(1 for _ in open(metrics)) >= s + 3, proc)  # fmt: skip
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err, err
+        lines = [x for x in err.splitlines() if x.startswith("tlx.main:")]
+        assert len(lines) == 1, err
+        m = re.search(rf"Interrupted: {name} at step (\d+): checkpoint saved .*"
+                      r"run the same command again .* to resume from step (\d+)", lines[0])  # fmt: skip
+        assert m and m.group(1) == m.group(2), lines[0]
+        step = int(m.group(1))
+        assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+        if steps:
+            assert f"resuming from step {steps[-1]}" in err, err
+            assert step > steps[-1]
+        steps.append(step)
+
+
+def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_survives(
+    tmp_path, capsys, monkeypatch
+):
+    from tlx import checkpoint
+
+    save = checkpoint.Checkpointer.save
+
+    def save_until_full(self, step, state, data_state):
+        if step > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, state, data_state)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_until_full)
+    workdir = str(tmp_path / "run")
+    argv = [f"--config={SPEC.replace('steps=4', 'steps=6')}", f"--workdir={workdir}", *BASE]
+    got, lines, err = _main(argv, capsys)
+    assert got == 1, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"DiskFull: no space left on device .*the last good checkpoint, step 2, "
+                     r"is kept .*re-run the same command to resume", lines[0]), lines[0]  # fmt: skip
+    assert checkpoint.verify(os.path.join(workdir, "checkpoints", "2"), strict=True) is None
+
+
+def test_a_read_only_workdir_reads_its_finished_run_back_and_refuses_training_in_one_line(
+    finished, capsys, monkeypatch
+):
+    from tlx import rundir
+
+    def no_lock_file(path, *args, **kwargs):
+        if os.path.basename(str(path)).startswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir, "open", no_lock_file, raising=False)
+    before = _snapshot(finished)
+    got, lines, err = _main([f"--config={SPEC}", f"--workdir={finished}", *BASE], capsys)
+    assert got == 0 and "nothing to do (read-only)" in err, err
+    other = f"--config={SPEC}".replace("steps=4", "steps=5")
+    got, lines, err = _main([other, f"--workdir={finished}", *BASE], capsys)
+    assert got == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"cannot resume .*total_steps: 4 -> 5", lines[0]), lines[0]
+    got, lines, err = _main([f"--config={SPEC}", f"--workdir={finished}/new", *BASE], capsys)
+    assert got == 1 and len(lines) == 1, err
+    assert re.search(r"NotWritable: workdir .*/new is not writable \(Permission denied\)", lines[0])
+    assert _snapshot(finished) == before
+
+
+def test_init_from_a_run_of_another_backbone_is_one_line_naming_both(finished, tmp_path, capsys):
+    spec = FT + f",backbone=resnet18,init_from={finished}"
+    got, lines, err = _main([f"--config={spec}", f"--workdir={tmp_path / 'run'}", *BASE], capsys)
+    assert got == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(r"is a resnet_tiny run .* this run builds resnet18: give backbone=resnet_tiny",
+                     lines[0]), lines[0]  # fmt: skip
