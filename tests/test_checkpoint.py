@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tlx import checkpoint, freeze, models, rundir
+from tlx import checkpoint, freeze, models
 
 
 def variables(name="resnet_tiny", classes=10, seed=0, **kw):
@@ -125,23 +125,22 @@ def test_metrics_are_truncated_to_the_checkpoint_step_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": 1}, {"step": 2}, {"step": 2, "split": "val"}, {"step": 3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
-    rundir.RunDir(tmp_path).truncate_metrics(2)
+    checkpoint.truncate_metrics(str(path), 2)
     assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:3]
-    rundir.RunDir(tmp_path).truncate_metrics(2, final_splits=("val",))  # killed after its last save
+    checkpoint.truncate_metrics(str(path), 2, final_splits=("val",))  # killed after its last save
     assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:2]
 
 
 def test_a_changed_config_is_refused_naming_the_fields_unless_forced(tmp_path):
     old = {"seed": 0, "optim": {"lr": 0.1, "name": "sgd"}, "progress": True, "config_version": 2}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    run = rundir.RunDir(tmp_path)
     new = {**old, "optim": {"lr": 0.2, "name": "sgd"}, "progress": False}  # progress: ignored
-    assert run.check_resume(dict(old, progress=False), "ckpt") == ([], False)
+    assert checkpoint.check_resume(str(tmp_path), dict(old, progress=False), "ckpt") == ([], False)
     with pytest.raises(checkpoint.ResumeMismatch, match=r"resume ckpt: .*optim.lr: 0.1 -> 0.2"):
-        run.check_resume(new, "ckpt")
-    history, changed = run.check_resume(new, "ckpt", resume="force")
+        checkpoint.check_resume(str(tmp_path), new, "ckpt")
+    history, changed = checkpoint.check_resume(str(tmp_path), new, "ckpt", resume="force")
     assert changed and history[0]["changed"] == {"optim.lr": [0.1, 0.2]}
-    assert run.check_resume(new, None) == ([], False)  # no state: start over
+    assert checkpoint.check_resume(str(tmp_path), new, None) == ([], False)  # no state: start over
 
 
 def _corrupt(step_dir, how):

@@ -4,11 +4,13 @@ A checkpoint step holds two items: `state` ({params, batch_stats, opt_state, ste
 plain orbax) and `data` (the input iterator's position, JSON).
 """
 
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
+import time
 
 import jax
 import numpy as np
@@ -16,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from tlx import distributed, freeze, rundir
 
-RESUME_MODES = rundir.RESUME_MODES
+RESUME_MODES = ("auto", "force")
 
 
 def _not_step_metadata(record: logging.LogRecord) -> bool:
@@ -56,46 +58,26 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def last_on_disk(self) -> int | None:
-        """The newest step finalised on disk (orbax renames a step's directory when complete),
-        whatever this manager was doing when it failed."""
-        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
-        steps = [int(d) for d in names if d.isdigit()]
-        return max(steps, default=None)
-
-    def good_step(self, log=None, force: bool = False) -> int | None:
+    def good_step(self, log=None) -> int | None:
         """The newest step whose files match their checksums; newer corrupt steps are moved
-        aside (to N.corrupt), each named in a warning. Checksums that cannot be read are an
-        `rundir.Unreadable` error, nothing moved, unless `force` (then that step is corrupt)."""
+        aside (to N.corrupt), each named in a warning."""
         if distributed.is_multi():  # process 0 decides, so that every process resumes one step
-            step, moved, error = None, False, None
-            if distributed.is_main():
-                try:
-                    step, moved = self._good_step(log, force)
-                except rundir.Unreadable as e:
-                    error = e
-            code, moved = distributed.broadcast(
-                [-2 if error else -1 if step is None else step, int(moved)]
-            )
-            if code == -2:
-                raise error or rundir.Unreadable(
-                    f"a checkpoint of {self.directory} has unreadable checksums (process 0 "
-                    "names it): --resume=force to override"
-                )
+            step, moved = self._good_step(log) if distributed.is_main() else (None, False)
+            code, moved = distributed.broadcast([-1 if step is None else step, int(moved)])
             step = None if code < 0 else code
         else:
-            step, moved = self._good_step(log, force)
+            step, moved = self._good_step(log)
         if moved:
             self.manager.close()
             self.manager = self._manager()
         return step
 
-    def _good_step(self, log, force: bool) -> tuple[int | None, bool]:
+    def _good_step(self, log) -> tuple[int | None, bool]:
         log = log or (lambda m: print(m, file=sys.stderr))
         moved = False
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = os.path.join(self.directory, str(step))
-            problem = verify(path, strict=not force)
+            problem = verify(path)
             if problem is None:
                 break
             log(f"[tlx] checkpoint {path} is corrupt ({problem}): moved to {path}.corrupt, "
@@ -159,6 +141,14 @@ class Checkpointer:
 CHECKSUMS = "tlx_sha256.json"  # in each step directory: {relative path: sha256} of its files
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _files(step_dir: str) -> list[str]:
     out = []
     for top, _, files in os.walk(step_dir):
@@ -167,35 +157,114 @@ def _files(step_dir: str) -> list[str]:
 
 
 def write_checksums(step_dir: str) -> None:
-    sums = {rel: rundir.file_sha256(os.path.join(step_dir, rel)) for rel in _files(step_dir)}
-    rundir.write_json(os.path.join(step_dir, CHECKSUMS), sums, indent=0)
+    sums = {rel: _sha256(os.path.join(step_dir, rel)) for rel in _files(step_dir)}
+    tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(sums, f, indent=0)
+    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
 
 
-def verify(step_dir: str, strict: bool = False) -> str | None:
+def verify(step_dir: str) -> str | None:
     """What is wrong with a step directory's files against its checksums, or None. A step
     without checksums (written by an older tlx, or killed between its save and its checksums)
-    passes: orbax finalised it. `strict`: checksums that cannot be read are an
-    `rundir.Unreadable` error (the run's own checkpoints: nothing is moved on a guess), else
-    a problem like a file that differs (another run's, read by init_from)."""
-    path = os.path.join(step_dir, CHECKSUMS)
+    passes: orbax finalised it."""
     try:
-        with open(path) as f:
+        with open(os.path.join(step_dir, CHECKSUMS)) as f:
             sums = json.load(f)
-        if not isinstance(sums, dict):
-            raise ValueError(f"a {type(sums).__name__}, not a dict")
     except FileNotFoundError:
         return None
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        if strict:
-            raise rundir.unreadable(path, e, "--resume=force (the step is set aside)") from None
+    except (json.JSONDecodeError, OSError) as e:
         return f"unreadable {CHECKSUMS}: {e}"
     for rel, want in sums.items():
         path = os.path.join(step_dir, rel)
         if not os.path.exists(path):
             return f"{rel} is missing"
-        if rundir.file_sha256(path) != want:
+        if _sha256(path) != want:
             return f"{rel} differs from its checksum"
     return None
+
+
+# -- resume: the run a directory holds against the one asked for ---------------------------------
+def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """[(dotted key, old value, new value)] where two config trees differ."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def read_config(workdir: str, migrate=None) -> dict | None:
+    """A run directory's config.json, through `migrate` (the caller's `tlx.config.migrate`: an
+    older layout in today's), or None."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            tree = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(tree, dict):
+        return None
+    return migrate(tree) if migrate is not None else tree
+
+
+def check_resume(
+    workdir: str, tree: dict, where: str | None, resume: str = "auto", migrate=None
+) -> tuple[list, bool]:
+    """(the resume history to record in config.json, whether the config changed), once the
+    config `tree` (a resolved config as a dict) is checked against the run `workdir` holds.
+    `where`: what would be resumed (its latest checkpoint, or the finished run), None when the
+    directory holds no state; `migrate`: turns the recorded config into today's layout.
+
+    A recorded config that differs is refused (ResumeMismatch, one line: the fields and the
+    fix) unless `resume='force'`, which adds the change to the history. A directory without state
+    starts over, whatever its config.json says."""
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume={resume!r}: use one of {list(RESUME_MODES)}")
+    old = read_config(workdir, migrate) if where else None
+    if old is None:
+        return [], False
+    history = list(old.get("resume_history", []))
+    diff = differences(rundir.comparable(old), rundir.comparable(tree))
+    if not diff:
+        return history, False
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:8])
+    if len(diff) > 8:
+        shown += f", ... ({len(diff)} fields differ)"
+    if resume != "force":
+        raise ResumeMismatch(
+            f"cannot resume {where}: it is a run of another config ({shown}); use a new workdir, "
+            "or --resume=force (train.run(..., resume='force')) to continue it under this "
+            "config, recorded in config.json's resume_history"
+        )
+    changed = {k: [a, b] for k, a, b in diff}
+    return history + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}], True
+
+
+def truncate_metrics(path: str, step: int, final_splits=()) -> None:
+    """metrics.jsonl without the records after `step` (those a resumed run writes again), nor
+    the evaluations of `final_splits` at `step` (a run killed after its last save evaluates
+    again), nor a line cut short by a kill; rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or record.get("step", 0) > step:
+                continue
+            if record.get("step") == step and record.get("split") in final_splits:
+                continue
+            keep.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def find_state_dir(path: str) -> str:
@@ -232,37 +301,6 @@ def find_state_dir(path: str) -> str:
             "Did the pre-training run finish? Unfinished saves end in .orbax-checkpoint-tmp."
         )
     raise InitError(f"init_from={path!r}: every checkpoint in {ckpt_dir} is corrupt")
-
-
-def source_config(path: str) -> dict | None:
-    """The config.json of the tlx run whose checkpoint `path` names (a workdir, its checkpoints/,
-    a step or a state directory), or None when it is not inside a readable run directory."""
-    state_dir = find_state_dir(path)
-    ckpt_dir = os.path.dirname(os.path.dirname(state_dir))  # .../checkpoints/N/state
-    if os.path.basename(ckpt_dir) != "checkpoints":
-        return None
-    try:
-        return rundir.RunDir(os.path.dirname(ckpt_dir)).config()
-    except rundir.Unreadable:
-        return None
-
-
-def check_backbone(path: str, name: str, stem: str = "") -> None:
-    """An `init_from` run of another backbone (or stem) than the model's, from its config.json:
-    one line naming both, before any path-by-path comparison."""
-    config = source_config(path) or {}
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    theirs, their_stem = model.get("name"), model.get("stem", "")
-    if theirs and theirs != name:
-        raise InitError(
-            f"init_from={path!r} is a {theirs} run (its config.json) and this run builds {name}: "
-            f"give backbone={theirs} (--config.model.name={theirs}), or init_from a {name} run"
-        )
-    if theirs and (their_stem or "") != (stem or ""):
-        raise InitError(
-            f"init_from={path!r} is a {theirs} run with stem {their_stem or 'default'!r} and "
-            f"this run's stem is {stem or 'default'!r}: give --config.model.stem={their_stem}"
-        )
 
 
 def _check_step(step_dir: str) -> None:
@@ -362,4 +400,5 @@ def merge(
 
 
 def write_report(workdir: str, report: dict) -> None:
-    rundir.RunDir(workdir).write(rundir.LOAD_REPORT, report)
+    with open(os.path.join(workdir, "load_report.json"), "w") as f:
+        json.dump(report, f, indent=1)

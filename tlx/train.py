@@ -8,10 +8,8 @@ strategy changes is in its plan (`tlx.strategies`); the step is generic (`tlx.st
 import contextlib
 import json
 import os
-import signal
 import statistics
 import sys
-import threading
 import time
 
 import jax
@@ -40,21 +38,14 @@ class NonFiniteError(RuntimeError):
     """The loss or a parameter went non-finite: the run stopped, its finite checkpoints kept."""
 
 
-class Interrupted(ValueError):
-    """SIGINT or SIGTERM stopped the run after saving a checkpoint at the step it landed on (a
-    ValueError, so that tlx.main and tlx.sweep print its one line: how to resume)."""
-
-
 def run(config, workdir: str, resume: str = "auto") -> dict:
     """Train (or resume) the run `config` in `workdir`; returns the summary it writes.
 
     A workdir holds one run: resuming it with another config is refused unless resume='force'
-    (the change is recorded in config.json's resume_history), and so is a directory whose
-    config.json, summary.json or checksums cannot be read; a finished run asked again with its
-    config is not trained again (its summary is returned, from a read-only directory too). One
-    process per workdir, or one multi-process job (`tlx.distributed`): every process calls `run`
-    with the same config, and process 0 writes the directory's files. SIGINT and SIGTERM save a
-    checkpoint at the step they land on and raise `Interrupted`; the same call resumes it."""
+    (the change is recorded in config.json's resume_history); a finished run asked again with
+    its config is not trained again (its summary is returned). One process per workdir, or one
+    multi-process job (`tlx.distributed`): every process calls `run` with the same config, and
+    process 0 writes the directory's files."""
     t_start = time.time()
     if not str(workdir).strip():
         raise ValueError("workdir is empty: give the run directory (--workdir=DIR)")
@@ -63,49 +54,23 @@ def run(config, workdir: str, resume: str = "auto") -> dict:
     parallel.check_batch_size(config.batch_size)
     parallel.check_batch_size(config.eval_batch_size or config.batch_size, "eval_batch_size")
     distributed.check_same(rundir.comparable(json.loads(config.to_json_best_effort())))
-    run_dir = rundir.RunDir(workdir)
-    try:
-        with run_dir.lock(process=jax.process_index()):
-            return _run(config, run_dir, resume, t_start)
-    except rundir.NotWritable:  # reading a finished run back needs no lock
-        finished = _read_only_finished(config, run_dir, resume)
-        if finished is None:
-            raise
-        return finished
+    workdir = os.path.abspath(workdir)
+    with rundir.lock(workdir, process=jax.process_index()):
+        return _run(config, workdir, resume, t_start)
 
 
-def _read_only_finished(config, run_dir, resume) -> dict | None:
-    """The summary of the finished run of `config` in a directory this process cannot write (no
-    lock needed to read it back), or None."""
-    summary = run_dir.summary()
-    if summary is None or not os.path.isdir(run_dir.path):
-        return None
-    tree = json.loads(config.to_json_best_effort())
-    _, changed = run_dir.check_resume(tree, run_dir.path, resume, tlx_config.migrate)
-    if changed:
-        return None
-    print(f"[tlx] {run_dir.path}: finished before with this config; nothing to do (read-only)",
-          file=sys.stderr)  # fmt: skip
-    return summary
-
-
-def _run(config, run_dir, resume: str, t_start: float) -> dict:
-    workdir, force = run_dir.path, resume == "force"
+def _run(config, workdir: str, resume: str, t_start: float) -> dict:
     tree = json.loads(config.to_json_best_effort())
     ckpt = checkpoint.Checkpointer(workdir, config.max_to_keep)
-    try:
-        resumed_from = ckpt.good_step(force=force)
-        finished = run_dir.summary(force=force)
-        failed = run_dir.failed()
-        where = (
-            os.path.join(ckpt.directory, str(resumed_from))
-            if resumed_from is not None
-            else (workdir if finished is not None else None)
-        )
-        history, changed = run_dir.check_resume(tree, where, resume, tlx_config.migrate)
-    except BaseException:
-        ckpt.close()
-        raise
+    resumed_from = ckpt.good_step()
+    finished = _read_json(os.path.join(workdir, "summary.json"))
+    failed = _read_json(os.path.join(workdir, FAILED))
+    where = (
+        os.path.join(ckpt.directory, str(resumed_from))
+        if resumed_from is not None
+        else (workdir if finished is not None else None)
+    )
+    history, changed = checkpoint.check_resume(workdir, tree, where, resume, tlx_config.migrate)
     if not changed and finished is not None:
         print(f"[tlx] {workdir}: finished before with this config; nothing to do", file=sys.stderr)
         ckpt.close()
@@ -122,59 +87,36 @@ def _run(config, run_dir, resume: str, t_start: float) -> dict:
             f"cannot resume {where}: its step {resumed_from} is past total_steps="
             f"{config.total_steps}; use a new workdir"
         )
-    if resumed_from is not None and distributed.is_main():
-        print(f"[tlx] {workdir}: resuming from step {resumed_from}", file=sys.stderr)
     distributed.barrier("tlx_run_read")  # every process has read the directory: now rewrite it
     splits = ("train", "val", "test") if config.eval_train else ("val", "test")
+    if distributed.is_main():
+        for name in ("summary.json", FAILED):  # the run is not finished (nor failed) any more
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(workdir, name))
+        if history:
+            tree["resume_history"] = history
+        _write_json(os.path.join(workdir, "config.json"), tree)
+        checkpoint.truncate_metrics(
+            os.path.join(workdir, "metrics.jsonl"),
+            resumed_from or 0,
+            splits if resumed_from == config.total_steps else (),
+        )
     try:
-        if distributed.is_main():
-            final = splits if resumed_from == config.total_steps else ()
-            run_dir.start_over(tree, history, resumed_from or 0, final)
-        with _Signals() as signals:
-            summary = _train(config, run_dir, ckpt, resumed_from, splits, t_start, signals)
+        return _train(config, workdir, ckpt, resumed_from, splits, t_start)
     except BaseException as e:
-        with contextlib.suppress(Exception):  # a full disk may refuse the checksums as well
-            ckpt.close()  # first: it waits for saves in flight to be finalised
-        error = run_dir.disk_full(e, ckpt.last_on_disk())
-        status = {NonFiniteError: "diverged", Interrupted: "interrupted"}.get(type(e), "failed")
+        status = "diverged" if isinstance(e, NonFiniteError) else "failed"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if distributed.is_main():
-            with contextlib.suppress(OSError):  # and this record
-                run_dir.write_failed(status, error or e)
-        if error is not None:
-            raise error from None
+            _write_json(
+                os.path.join(workdir, FAILED),
+                {"status": status, "error": first, "type": type(e).__name__, "time": time.ctime()},
+            )
         raise
-    ckpt.close()
-    return summary
+    finally:
+        ckpt.close()
 
 
-class _Signals:
-    """While training: SIGINT and SIGTERM set `caught` (the signal's name) instead of stopping
-    the process, so the loop saves a checkpoint at the step they land on and stops
-    (`Interrupted`); a second one acts as it would have. Only in the main thread (signals can
-    be handled nowhere else)."""
-
-    def __init__(self):
-        self.caught = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.caught = signal.Signals(signum).name
-        signal.signal(signum, self._old[signum])  # a second signal: the usual way
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-def _train(config, run_dir, ckpt, resumed_from, splits, t_start, signals) -> dict:
-    workdir = run_dir.path
+def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
     runner = parallel.Runner(config.parallel)
     batch_size, eval_batch_size = config.batch_size, config.eval_batch_size or config.batch_size
 
@@ -313,12 +255,6 @@ def _train(config, run_dir, ckpt, resumed_from, splits, t_start, signals) -> dic
             ckpt.save(step, runner.save_state(state), train_iter.get_state())
             if os.environ.get(PAUSE_AFTER_SAVE) == str(step):
                 _pause(ckpt, workdir, step)
-        if signals.caught:  # saved at the step it landed on, checked finite first
-            bar.close()
-            _check_finite(*pending, runner, ckpt, config)
-            if not saves:
-                ckpt.save(step, runner.save_state(state), train_iter.get_state())
-            _stop(signals.caught, step, ckpt, workdir)
     bar.close()
     if pending is not None:
         _check_finite(*pending, runner, ckpt, config)
@@ -341,7 +277,7 @@ def _train(config, run_dir, ckpt, resumed_from, splits, t_start, signals) -> dic
     )
     # Written last and atomically: a summary.json that exists marks a finished run.
     if distributed.is_main():
-        run_dir.write(rundir.SUMMARY, summary)
+        _write_json(os.path.join(workdir, "summary.json"), summary)
     log.close()
     distributed.barrier("tlx_run_done")
     return summary
@@ -415,17 +351,22 @@ def _pause(ckpt, workdir: str, step: int) -> None:
         time.sleep(60)
 
 
-FAILED = rundir.FAILED  # a run that stopped with an error says so: {status, error, type, time}
+FAILED = "failed.json"  # a run that stopped with an error says so: {status, error, type, time}
 
 
-def _stop(name: str, step: int, ckpt, workdir: str):
-    """A signal landed during `step`, whose state is saved: `Interrupted`, with the one line that
-    says how to resume, once the save is complete."""
-    ckpt.wait()
-    raise Interrupted(
-        f"{name} at step {step}: checkpoint saved in {ckpt.directory}/{step}; run the same "
-        f"command again (same config, --workdir={workdir}) to resume from step {step}"
-    )
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _summary(config, plan, host, final, dataset, cache) -> dict:
@@ -490,7 +431,6 @@ def load_source(config) -> tuple[dict, str]:
             config.model.name, config.init_from, weights_path=config.pretrained_path
         )
         return src, f"{config.init_from}:{config.model.name}"
-    checkpoint.check_backbone(config.init_from, config.model.name, config.model.stem)
     return checkpoint.read_variables(config.init_from), checkpoint.find_state_dir(config.init_from)
 
 

@@ -9,6 +9,7 @@ attention's `out` (heads, D/heads, D), a conv) before its last. The model sees m
 (`apply_params`), so the merged export computes the same function.
 """
 
+import json
 import math
 import os
 import re
@@ -62,6 +63,16 @@ def _init(ctx, params, rng):
     regex = target_regex(ctx.knobs)
     flat = traverse_util.flatten_dict(dict(params), sep="/")
     chosen = targets(params, regex)
+    cnn = not any("MultiHeadDotProductAttention" in p for p in flat)
+    if not chosen and cnn and ctx.knobs.targets == ATTENTION:
+        # A CNN: the default targets are a ViT's attention (and MLP) Dense kernels. A conv kernel
+        # (kh, kw, in, out) factors as (kh*kw*in, rank) x (rank, out), peft's Conv2d LoRA of
+        # Hu et al. 2021's W + BA (github.com/huggingface/peft, src/peft/tuners/lora/layer.py).
+        raise ValueError(
+            "strategy=lora targets the Dense kernels of a ViT's attention by default and this "
+            "model has no attention (a CNN): use a ViT backbone (vit_ti4, vit_s16, ...), or "
+            "select conv kernels with strategy.lora.targets (e.g. '^stage3/.*/kernel$')"
+        )
     if not chosen:
         raise ValueError(
             f"strategy.lora.targets={regex!r} selects no kernel; the kernels are:\n  "
@@ -116,11 +127,10 @@ def export(workdir: str, out: str) -> str:
     """The merged (plain) params and batch_stats of the LoRA run in `workdir`, written to `out`:
     a '.npz' path gets big_vision's layout (`tlx.convert.vit.load` reads it, ViTs only), any
     other path an orbax state directory that `init_from=OUT` reads. Returns `out`."""
-    from tlx import checkpoint, rundir
+    from tlx import checkpoint
 
-    cfg = rundir.RunDir(workdir).config()
-    if cfg is None:
-        raise FileNotFoundError(f"{workdir} holds no config.json: not a tlx run directory")
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = json.load(f)
     if cfg["strategy"]["name"] != "lora":
         raise ValueError(f"{workdir} is a {cfg['strategy']['name']!r} run, not a lora run")
     variables = checkpoint.read_variables(workdir)
