@@ -1,13 +1,12 @@
 """The freeze advisor: how much of a pre-trained backbone to freeze on a target, from one pass of
 the frozen backbone over the target's training split (never its val or test split).
 
-  python -m tlx.advise --init_from=runs/pretrain --backbone=resnet_tiny --target=mnist5k \
+  python -m tlx.advise --init_from=runs/pretrain --backbone=resnet_tiny --target=mnist5k \\
       --examples_per_class=10 [--folds=3] [--out=DIR]
 
 Per stage (pooled stem, stage1..stageK outputs): a ridge probe's k-fold accuracy and LogME, with
-their spread over folds. From them, a similarity estimate, the rule of thumb's prescription
-from (size, similarity) (`tlx.strategies.rule_of_thumb`), and tlx's rule (see `recommend`), as
-a table and as DIR/advice.json.
+their spread over folds. From them, a similarity estimate, the seed's prescription from
+(similarity, size), and tlx's rule (see `recommend`), as a table and as DIR/advice.json.
 """
 
 import argparse
@@ -23,17 +22,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlx import checkpoint, compiler, models, probe, strategies
+from tlx import checkpoint, compiler, models, probe
 from tlx import config as tlx_config
 from tlx import data as tlx_data
 
-# The fine-tuning config, packaged (configs/finetune.py at the top of the repository is this one).
-FINETUNE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "finetune.py")
+FINETUNE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "finetune.py")
 CACHE_VERSION = "advise-v1"
-# A target with at least this many training examples per class is "large" for the rule of thumb
+# A target with at least this many training examples per class is "large" for the seed's table
 # and for the rule's size step. Chosen before any measurement (the studies' sizes are 3, 10 and
 # 216-360 per class: any threshold between 10 and 216 gives the same answers there).
 LARGE_PER_CLASS = 100
+SEED_TABLE = {  # the seed's 2x2 table, as tlx's presets
+    ("similar", "small"): "linear_probe",
+    ("similar", "large"): "freeze_most",
+    ("different", "small"): "freeze_early",
+    ("different", "large"): "none",
+}
 
 
 # -- the backbone and its per-stage features ------------------------------------------------------
@@ -188,7 +192,7 @@ def recommend(sim: dict, per_class: float, num_stages: int) -> dict:
        specificity and co-adaptation a frozen one keeps (Yosinski et al. 2014), and fine-tuning
        beats a linear probe in most transfer benchmarks (Kornblith et al. 2019; Kumar et al. 2022);
     3. on a large target (>= LARGE_PER_CLASS per class) one stage fewer: with data enough, the
-       rule of thumb fine-tunes more.
+       seed's table fine-tunes more.
     Few examples make the probe's folds noisy, so step 1's tolerance widens and the rule freezes
     more: size enters through the measurement too."""
     g = sim["deepest_general_index"]
@@ -200,7 +204,15 @@ def recommend(sim: dict, per_class: float, num_stages: int) -> dict:
     if large and frozen > 0:
         frozen -= 1
         steps.append(f"large target ({per_class:g} >= {LARGE_PER_CLASS}/class): one fewer")
-    return {"strategy": preset_name(frozen, num_stages), "frozen_stages": frozen, "why": steps}
+    name = preset_name(frozen, num_stages)
+    return {"strategy": name, "args": cli_args(name), "frozen_stages": frozen, "why": steps}
+
+
+def cli_args(name: str) -> str:
+    """A `preset_name` as configs/finetune.py's short args: 'freeze_stages=2' ->
+    'strategy=freeze_stages,stages=2' (what --config=configs/finetune.py:...,ARGS takes)."""
+    strategy, _, stages = name.partition("=")
+    return f"strategy={strategy}" + (f",stages={stages}" if stages else "")
 
 
 # -- the advisor ----------------------------------------------------------------------------------
@@ -242,10 +254,10 @@ def advise(
         "stages": rows,
         "similarity": sim,
         "size": size,
-        "rule_of_thumb": {
+        "seed_table": {
             "similarity": sim["label"],
             "size": size,
-            "strategy": strategies.rule_of_thumb(size, sim["label"]),
+            "strategy": SEED_TABLE[(sim["label"], size)],
         },
         "recommendation": recommend(sim, per_class, num_stages),
         "cache": cache,
@@ -269,19 +281,20 @@ def format_table(advice: dict) -> str:
             f"{r['stage']:<8} {r['dim']:>5} {100 * p['accuracy']:>10.1f} {100 * p['std']:>7.1f} "
             f"{100 * p['se']:>6.1f} {p['l2']:>8g} {_num(lm['value'], 8)} {_num(lm['std'], 7)}"
         )
-    s, rec, rule = advice["similarity"], advice["recommendation"], advice["rule_of_thumb"]
+    s, rec, seed = advice["similarity"], advice["recommendation"], advice["seed_table"]
+    wall = advice["wall_s"]
     lines += [
         f"similarity: {s['label']} (last stage keeps {100 * s['retained']:.0f}% of the best "
         f"stage's above-chance probe accuracy; best {s['best_stage']}, deepest within "
         f"max(SE, 1 example) = {100 * s['tolerance']:.1f} pp of it: {s['deepest_general_stage']})",
         f"size: {advice['size']} ({advice['examples_per_class']['mean']:g}/class; large >= "
         f"{LARGE_PER_CLASS})",
-        f"rule of thumb ({rule['similarity']}, {rule['size']}): {rule['strategy']}",
-        f"tlx recommends: {rec['strategy']} (frozen stages: {rec['frozen_stages']}; "
+        f"seed's table ({seed['similarity']}, {seed['size']}): {cli_args(seed['strategy'])}",
+        f"tlx recommends: {rec['args']} (frozen stages: {rec['frozen_stages']}; "
         + "; ".join(rec["why"])
         + ")",
-        f"wall: {advice['wall_s']['total']:.1f} s (features {advice['wall_s']['features']:.1f} s, "
-        f"cache {'hit' if advice['cache']['hit'] else 'miss'})",
+        f"wall: {wall['total']:.1f} s (load {wall['load']:.1f} s, features {wall['features']:.1f} s"
+        f" (cache {'hit' if advice['cache']['hit'] else 'miss'}), probes {wall['probes']:.1f} s)",
     ]
     return "\n".join(lines)
 
@@ -307,7 +320,11 @@ def build_config(
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tlx.advise", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tlx.advise",
+        description=__doc__,  # whole: its first line alone stops mid-sentence
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--init_from", required=True, help="a tlx pre-training run or 'imagenet'")
     ap.add_argument("--backbone", required=True)
     ap.add_argument("--target", required=True)

@@ -4,8 +4,18 @@ DIR/results.csv, then the report (tables and plots) of `tlx.report`.
   python -m tlx.sweep --config=configs/quadrants.py[:ARGS] --workdir=DIR [--parallel=N]
       [--launcher=ray --ray_address=HEAD:6379 --ray_gpus_per_run=1]
 
-A study file (`tlx.study`: its cells, their schema and checks) declares `get_sweep(arg)` and
-its `REPORT` beside `get_config`.
+A study file declares `get_sweep(arg) -> list[cell]` beside `get_config`. A cell is a dict:
+
+  name       unique; other cells refer to it (needed when one does)
+  config     a config spec, 'configs/finetune.py:target=digits,...' (see `tlx.config.load`)
+  overrides  dotted config keys -> values, applied after the spec ({'data.image_size': 16})
+  init_from  the name of another cell: this cell starts from that cell's chosen run
+  grid       candidate overrides [{'optim.lr': 1e-3}, ...]; each is one run, and the run with the
+             best validation accuracy (the first of equals) is the cell's result. Default [{}].
+  grid_from  the name of another cell whose chosen grid point this cell uses (e.g. the same
+             cell at the first seed), instead of a grid of its own
+  axes       the cell's coordinates ({'strategy': ..., 'seed': ...}); cells with axes are the
+             rows of results.csv, cells without (pre-training runs) go to dependencies.csv
 
 Every run lives in DIR/runs/HASH, HASH being that of its resolved config (with `init_from` named
 by the hash of the run it starts from, so the hash doesn't depend on where DIR is). A run with a
@@ -24,6 +34,7 @@ import argparse
 import concurrent.futures as cf
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -33,8 +44,7 @@ import sys
 import tempfile
 import time
 
-from tlx import launchers, rundir
-from tlx.study import check_cells, check_configs, load_study
+from tlx import launchers, rundir, user_modules
 
 # Per-cell columns of results.csv after the axes (then the chosen grid values, then timing).
 FIGURES = (
@@ -51,6 +61,86 @@ FIGURES = (
 )
 TIMING = ("wall_s", "cell_wall_s")  # differ between identical sweeps; the rest must not
 ALWAYS_SHOWN = ("optim.lr", "optim.head_lr")  # in results.csv whether a grid varies them or not
+
+
+# -- study files -----------------------------------------------------------------------------------
+def parse_study_arg(arg: str | None, defaults: dict, presets: dict[str, dict]) -> dict:
+    """'tiny,seeds=2' -> defaults updated by the preset 'tiny', then by seeds=2 (typed as the
+    defaults, see `tlx.config.parse_arg`). Bare words name presets; KEY=VALUE sets one arg."""
+    from tlx import config as tlx_config
+
+    out = dict(defaults)
+    rest = []
+    for item in (arg or "").split(","):
+        if not item:
+            continue
+        if "=" in item:
+            rest.append(item)
+        elif item in presets:
+            out.update(presets[item])
+        else:
+            raise ValueError(f"unknown study preset {item!r}; presets: {sorted(presets)}")
+    return tlx_config.parse_arg(",".join(rest), out)
+
+
+def choose_rates(cell: dict, seed: int, select: str, first_seed_cell: str, grid: list[dict]):
+    """The learning-rate choice of a study cell: its own `grid`, or (select='first_seed', seed > 0)
+    the point chosen by `first_seed_cell`, the same condition's seed-0 cell."""
+    if seed > 0 and select == "first_seed":
+        cell["grid_from"] = first_seed_cell
+    else:
+        cell["grid"] = grid
+    return cell
+
+
+def cell_config(cell: dict):
+    """A study cell's config alone (without init_from), unlocked: what a study file's
+    `get_config` returns, so `python -m tlx.main --config=configs/STUDY.py` trains it."""
+    from tlx import config as tlx_config
+
+    c = tlx_config.load(cell["config"], **cell["overrides"])
+    c.unlock()
+    return c
+
+
+def load_study(spec: str) -> list[dict]:
+    """The cells of `spec` ('configs/quadrants.py:tiny'), checked."""
+    from tlx import config as tlx_config
+
+    path, _, arg = spec.partition(":")
+    module = tlx_config.load_module(path, "study")
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"{path} declares no get_sweep(arg): it is a run config, not a study")
+    return check_cells(module.get_sweep(arg or None), spec)
+
+
+def check_cells(cells, spec: str = "the study") -> list[dict]:
+    """Cells (dicts, see the module docstring) checked: unique names, known keys, references."""
+    cells = [dict(c) for c in cells]
+    names = [c["name"] for c in cells if "name" in c]
+    if len(names) != len(set(names)):
+        raise ValueError(f"cell names repeat in {spec}: {sorted(names)}")
+    known = set(names)
+    for c in cells:
+        unknown = set(c) - {"name", "config", "overrides", "init_from", "grid", "grid_from", "axes"}
+        if unknown:
+            raise ValueError(f"cell {c.get('name', c.get('axes'))} has unknown keys {unknown}")
+        for ref in ("init_from", "grid_from"):
+            if c.get(ref) and c[ref] not in known:
+                raise ValueError(f"cell {c.get('name')}: {ref}={c[ref]!r} names no cell")
+    return cells
+
+
+def check_configs(cells: list[dict]) -> None:
+    """Resolve every cell at every grid point before any training (`tlx.config.load` validates
+    each config): a bad value, an unknown strategy or key fails now, naming the cell."""
+    for c in cells:
+        for point in c.get("grid") or [{}]:
+            try:
+                resolve(c, point, "0" * 12 if c.get("init_from") else None)
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise ValueError(f"cell {c.get('name', c.get('axes'))}: {msg}") from None
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -248,9 +338,10 @@ def enable_compilation_cache() -> str:
     return path
 
 
-def _prepare_process():
+def _prepare_process(imports: tuple[str, ...] = ()):
     from absl import logging
 
+    user_modules.import_all(imports)  # the sweep's --import: the user's strategies, by name
     enable_compilation_cache()
     # orbax logs every save at INFO, and warns of a metadata file on each init_from read
     logging.set_verbosity(logging.ERROR)
@@ -345,7 +436,8 @@ def run_sweep(
                 "trials": summaries,
             }
 
-    executor = launchers.make(launcher, parallel, _prepare_process, **ray_options)
+    prepare = functools.partial(_prepare_process, user_modules.imported())
+    executor = launchers.make(launcher, parallel, prepare, **ray_options)
     where = f"ray {ray_options.get('address') or '(local)'}" if launcher == "ray" else parallel
     log(f"[sweep] {spec}: {len(cells)} cells -> {workdir} (parallel={where})")
     try:
@@ -464,7 +556,11 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tlx.sweep",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's own lines
+    )
     ap.add_argument("--config", required=True, help="configs/STUDY.py[:ARGS]")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes")
@@ -473,6 +569,14 @@ def main(argv=None):
     ap.add_argument("--ray_address", default="", help="a Ray cluster ('' starts a local one)")
     ap.add_argument("--ray_cpus_per_run", type=float, default=1.0)
     ap.add_argument("--ray_gpus_per_run", type=float, default=0.0)
+    ap.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of yours to import first, here and in every worker (repeatable or a,b)",
+    )
     args = ap.parse_args(argv)
     ray_options = {}
     if args.launcher == "ray":
@@ -480,6 +584,7 @@ def main(argv=None):
             address=args.ray_address, cpus=args.ray_cpus_per_run, gpus=args.ray_gpus_per_run
         )
     try:
+        user_modules.import_all(user_modules.parse(args.imports))
         rows = run_sweep(
             args.config, args.workdir, args.parallel, launcher=args.launcher, **ray_options
         )
@@ -490,7 +595,7 @@ def main(argv=None):
     if not args.no_report and rows:
         from tlx import report
 
-        for path in report.write_study_report(args.workdir, study=args.config):
+        for path in report.write_report(args.workdir):
             print(f"[sweep] wrote {path}")
     sys.stdout.flush()
     return 0
