@@ -19,6 +19,8 @@ examples_per_class=N subsamples the target's train split (0: all).
 """
 
 from tlx import config as tlx_config
+from tlx.convert import pretrained
+from tlx.data import pipeline as data_pipeline
 
 ARGS = {
     "backbone": "resnet_tiny",
@@ -46,8 +48,8 @@ def get_config(arg=None):
     if a["backbone"].startswith("resnet"):
         c.model.stem = "cifar" if a["image_size"] < 100 else "imagenet"
     if a["init_from"] == "imagenet":  # inputs as the ImageNet weights were trained on
-        # EfficientNet-Lite was trained on (x - 127) / 128: 'unit' (x/255*2-1) is within 0.4%.
-        c.data.normalize = "unit" if a["backbone"].startswith("efficientnet") else "imagenet"
+        normalization = pretrained.normalization(a["backbone"], a["init_from"])
+        data_pipeline.backbone_input(c.data, normalization)
     c.init_from = a["init_from"]
     tlx_config.set_dataset(c.data, a["target"], "target", a["classes"])
     c.data.image_size = a["image_size"]

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from tlx import checkpoint, freeze, train
-from tlx import config as tlx_config
 from tlx import main as tlx_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +35,14 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    # The session's JAX compilation cache (conftest.py) comes with os.environ.
-    return {**os.environ, "PYTHONPATH": ROOT}
+    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def _launch(workdir, processes, devices, flags, env, per_process=None, extra_env=None):
@@ -80,22 +85,17 @@ def _run(workdir, processes, devices, flags, env, **kw):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A tiny pre-trained backbone, trained in this process (one device: what the tests launch
-    is the fine-tuning)."""
+def source(tmp_path_factory, env):
+    """A tiny pre-trained backbone (one process)."""
     src = str(tmp_path_factory.mktemp("source"))
-    c = tlx_config.load(
-        os.path.join(ROOT, "configs/pretrain.py:steps=8,batch_size=16,image_size=16"),
-        **{
-            "data.fractals.num_classes": 4,
-            "data.fractals.train_per_class": 24,
-            "data.fractals.test_per_class": 6,
-            "progress": False,
-            "tensorboard": False,
-            "log_every": 1,
-        },
-    )
-    train.run(c, src)
+    flags = [
+        "--config=configs/pretrain.py:steps=8,batch_size=16,image_size=16",
+        "--config.data.fractals.num_classes=4",
+        "--config.data.fractals.train_per_class=24",
+        "--config.data.fractals.test_per_class=6",
+        *QUIET,
+    ]
+    _run(src, 1, 1, flags, env)
     return src
 
 

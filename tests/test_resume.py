@@ -39,9 +39,14 @@ pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path_factory):
-    # The session's JAX compilation cache (conftest.py) comes with os.environ: the subprocesses
-    # load the steps the uninterrupted run here compiled.
-    return {**os.environ, "PYTHONPATH": ROOT}
+    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def _overrides(spec, extra):

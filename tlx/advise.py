@@ -1,7 +1,7 @@
 """The freeze advisor: how much of a pre-trained backbone to freeze on a target, from one pass of
 the frozen backbone over the target's training split (never its val or test split).
 
-  python -m tlx.advise --init_from=runs/pretrain --backbone=resnet_tiny --target=mnist5k \
+  python -m tlx.advise --init_from=runs/pretrain --backbone=resnet_tiny --target=mnist5k \\
       --examples_per_class=10 [--folds=3] [--out=DIR]
 
 Per stage (pooled stem, stage1..stageK outputs): a ridge probe's k-fold accuracy and LogME, with
@@ -204,7 +204,15 @@ def recommend(sim: dict, per_class: float, num_stages: int) -> dict:
     if large and frozen > 0:
         frozen -= 1
         steps.append(f"large target ({per_class:g} >= {LARGE_PER_CLASS}/class): one fewer")
-    return {"strategy": preset_name(frozen, num_stages), "frozen_stages": frozen, "why": steps}
+    name = preset_name(frozen, num_stages)
+    return {"strategy": name, "args": cli_args(name), "frozen_stages": frozen, "why": steps}
+
+
+def cli_args(name: str) -> str:
+    """A `preset_name` as configs/finetune.py's short args: 'freeze_stages=2' ->
+    'strategy=freeze_stages,stages=2' (what --config=configs/finetune.py:...,ARGS takes)."""
+    strategy, _, stages = name.partition("=")
+    return f"strategy={strategy}" + (f",stages={stages}" if stages else "")
 
 
 # -- the advisor ----------------------------------------------------------------------------------
@@ -274,18 +282,19 @@ def format_table(advice: dict) -> str:
             f"{100 * p['se']:>6.1f} {p['l2']:>8g} {_num(lm['value'], 8)} {_num(lm['std'], 7)}"
         )
     s, rec, seed = advice["similarity"], advice["recommendation"], advice["seed_table"]
+    wall = advice["wall_s"]
     lines += [
         f"similarity: {s['label']} (last stage keeps {100 * s['retained']:.0f}% of the best "
         f"stage's above-chance probe accuracy; best {s['best_stage']}, deepest within "
         f"max(SE, 1 example) = {100 * s['tolerance']:.1f} pp of it: {s['deepest_general_stage']})",
         f"size: {advice['size']} ({advice['examples_per_class']['mean']:g}/class; large >= "
         f"{LARGE_PER_CLASS})",
-        f"seed's table ({seed['similarity']}, {seed['size']}): {seed['strategy']}",
-        f"tlx recommends: {rec['strategy']} (frozen stages: {rec['frozen_stages']}; "
+        f"seed's table ({seed['similarity']}, {seed['size']}): {cli_args(seed['strategy'])}",
+        f"tlx recommends: {rec['args']} (frozen stages: {rec['frozen_stages']}; "
         + "; ".join(rec["why"])
         + ")",
-        f"wall: {advice['wall_s']['total']:.1f} s (features {advice['wall_s']['features']:.1f} s, "
-        f"cache {'hit' if advice['cache']['hit'] else 'miss'})",
+        f"wall: {wall['total']:.1f} s (load {wall['load']:.1f} s, features {wall['features']:.1f} s"
+        f" (cache {'hit' if advice['cache']['hit'] else 'miss'}), probes {wall['probes']:.1f} s)",
     ]
     return "\n".join(lines)
 
@@ -311,7 +320,11 @@ def build_config(
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tlx.advise", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tlx.advise",
+        description=__doc__,  # whole: its first line alone stops mid-sentence
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--init_from", required=True, help="a tlx pre-training run or 'imagenet'")
     ap.add_argument("--backbone", required=True)
     ap.add_argument("--target", required=True)

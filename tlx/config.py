@@ -240,7 +240,7 @@ CHECKS = {
     "model.dtype": _one_of("float32", "bfloat16"),
     "data.image_size": _num(4, kind=int),
     "data.channels": _one_of(1, 3),
-    "data.normalize": _one_of("unit", "imagenet"),
+    "data.normalize": _one_of("unit", "imagenet", "tf_lite"),
     "data.val_fraction": _num(0.0, 1.0, lo_open=True, hi_open=True),
     "data.examples_per_class": _COUNT0,
     "data.subset_seed": _COUNT0,

@@ -10,6 +10,7 @@ center crop) with the normalisation the weights were trained with.
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -47,6 +48,33 @@ def predict(
     return [[(int(c), float(p[c])) for c in row] for row, p in zip(top, probs, strict=True)]
 
 
+def one_line(message: str) -> str:
+    """A multi-line message (`tlx.convert`'s "looked for ... in\n  PATH\nTo get the file:\n  ...")
+    as one line: a line that starts with a capital starts a sentence."""
+    out = ""
+    for line in (line.strip() for line in message.splitlines()):
+        if line and out:
+            out += ". " if line[0].isupper() and not out.endswith((":", ".")) else " "
+        out += line
+    return out
+
+
+def unreadable(path: str) -> str:
+    """Why `path` is not an image Pillow can read ('' when it is one)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "a directory, not an image file"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: PIL's bad PNGs
+        return f"not an image Pillow can read ({e})"
+    return ""
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m tlx.predict", description=__doc__.split("\n")[0]
@@ -72,9 +100,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--names", action="store_true", help="add the class names to each line")
     args = parser.parse_args(argv)
-
-    variables = load_variables(args.backbone, args.source, args.weights)
-    norm = args.normalization or pretrained.normalization(args.backbone, args.source)
+    for path in args.images:  # before the weights: a typo should not wait for a conversion
+        problem = unreadable(path)
+        if problem:
+            parser.exit(1, f"tlx.predict: {path}: {problem}\n")
+    try:
+        variables = load_variables(args.backbone, args.source, args.weights)
+        norm = args.normalization or pretrained.normalization(args.backbone, args.source)
+    except (FileNotFoundError, ValueError) as e:  # no weights for this backbone, or none found
+        parser.exit(1, f"tlx.predict: {one_line(str(e))}\n")
     names = imagenet.class_names() if args.names else None
     for start in range(0, len(args.images), args.batch_size):
         batch = args.images[start : start + args.batch_size]

@@ -34,6 +34,7 @@ import argparse
 import concurrent.futures as cf
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import time
 
-from tlx import launchers, rundir
+from tlx import launchers, rundir, user_modules
 
 # Per-cell columns of results.csv after the axes (then the chosen grid values, then timing).
 FIGURES = (
@@ -337,9 +338,10 @@ def enable_compilation_cache() -> str:
     return path
 
 
-def _prepare_process():
+def _prepare_process(imports: tuple[str, ...] = ()):
     from absl import logging
 
+    user_modules.import_all(imports)  # the sweep's --import: the user's strategies, by name
     enable_compilation_cache()
     # orbax logs every save at INFO, and warns of a metadata file on each init_from read
     logging.set_verbosity(logging.ERROR)
@@ -434,7 +436,8 @@ def run_sweep(
                 "trials": summaries,
             }
 
-    executor = launchers.make(launcher, parallel, _prepare_process, **ray_options)
+    prepare = functools.partial(_prepare_process, user_modules.imported())
+    executor = launchers.make(launcher, parallel, prepare, **ray_options)
     where = f"ray {ray_options.get('address') or '(local)'}" if launcher == "ray" else parallel
     log(f"[sweep] {spec}: {len(cells)} cells -> {workdir} (parallel={where})")
     try:
@@ -553,7 +556,11 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tlx.sweep",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's own lines
+    )
     ap.add_argument("--config", required=True, help="configs/STUDY.py[:ARGS]")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--parallel", type=int, default=1, help="runs at once, in worker processes")
@@ -562,6 +569,14 @@ def main(argv=None):
     ap.add_argument("--ray_address", default="", help="a Ray cluster ('' starts a local one)")
     ap.add_argument("--ray_cpus_per_run", type=float, default=1.0)
     ap.add_argument("--ray_gpus_per_run", type=float, default=0.0)
+    ap.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of yours to import first, here and in every worker (repeatable or a,b)",
+    )
     args = ap.parse_args(argv)
     ray_options = {}
     if args.launcher == "ray":
@@ -569,6 +584,7 @@ def main(argv=None):
             address=args.ray_address, cpus=args.ray_cpus_per_run, gpus=args.ray_gpus_per_run
         )
     try:
+        user_modules.import_all(user_modules.parse(args.imports))
         rows = run_sweep(
             args.config, args.workdir, args.parallel, launcher=args.launcher, **ray_options
         )

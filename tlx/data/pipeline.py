@@ -1,11 +1,11 @@
 """From a prepared TFDS dataset to the batches the train loop consumes.
 
 ``load(cfg)`` builds the dataset once if it is one of tlx's own (``fractals``, ``digits``,
-``mnist5k``, ``lfw_subset``) or finds a TFDS catalog dataset the user prepared in array_record
-format; reads every split through ``builder.as_data_source`` (what ``tfds.data_source`` returns,
-random access, no TensorFlow) with a grain pipeline; resizes and converts channels **once per
-split, in memory**; carves a validation split and an optional per-class subsample from train; and
-returns a `Dataset`.
+``mnist5k``, ``lfw_subset``, ``fashion_mnist``) or finds a TFDS catalog dataset the user prepared
+in array_record format; reads every split through ``builder.as_data_source`` (what
+``tfds.data_source`` returns, random access, no TensorFlow) with a grain pipeline; resizes and
+converts channels **once per split, in memory**; carves a validation split and an optional
+per-class subsample from train; and returns a `Dataset`.
 
 Why preprocess once in memory: these datasets are small (the default fractals source is 7500 x
 32x32x3 uint8 = 23 MB), so decoding and resizing every image every epoch would spend the 2 CPU
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tlx.data import builders, fractals, ops
+from tlx.data import builders, fashion_mnist, fractals, ops
 from tlx.data.ops import to_model_format
 
 PACKAGED = {
@@ -38,14 +38,15 @@ PACKAGED = {
     "mnist5k": builders.Mnist5k,
     "lfw_subset": builders.LfwSubset,
 }
-BUILTIN = ("fractals", "fractaldb", *PACKAGED)
+BUILTIN = ("fractals", "fractaldb", *PACKAGED, "fashion_mnist")
+# The real targets: greyscale images, fed to every backbone through `backbone_input`.
+REAL_TARGETS = (*PACKAGED, "fashion_mnist")
 VAL_SPLIT_SEED = 1_000_003  # fixed: the val carve never depends on a run's seed
 IMAGENET_MEAN, IMAGENET_STD = (np.array(v, np.float32) for v in ops.NORMALIZATION["imagenet"])
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-    """A TFDS catalog dataset that is not prepared in array_record format under the data dir."""
+DatasetNotPreparedError = builders.DatasetNotPreparedError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,6 +191,25 @@ def _batch_indices(step: int, _, n: int, batch_size: int, seed: int) -> np.ndarr
 
 
 # ------------------------------------------------------------------------------------------------
+# What a pretrained backbone reads.
+
+
+def backbone_input(cfg: ml_collections.ConfigDict, normalization: str) -> None:
+    """Point the data config ``cfg`` at a pretrained backbone's own preprocessing, the same for
+    every target (the real ones, `REAL_TARGETS`, are grey): 3 channels (grey repeated, as
+    torchvision's ``Grayscale(num_output_channels=3)``), the centre square resized to
+    ``cfg.image_size`` (bilinear, `ops.to_model_format`, on both input paths) and the mean and std
+    its weights were trained with, ``normalization`` (a key of `ops.NORMALIZATION`; for tlx's
+    ImageNet weights `tlx.convert.pretrained.normalization` says which)."""
+    if normalization not in ops.NORMALIZATION:
+        raise ValueError(
+            f"unknown normalization {normalization!r}; use one of {list(ops.NORMALIZATION)}"
+        )
+    cfg.channels = 3
+    cfg.normalize = normalization
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading.
 
 
@@ -281,6 +301,8 @@ def open_builder(name: str, data_dir: str, params: tuple = ()) -> tfds.core.Data
         return fractaldb.prepare(data_dir, **dict(params))
     if name in PACKAGED:
         return builders.prepare(PACKAGED[name], data_dir)
+    if name == "fashion_mnist":
+        return fashion_mnist.prepare(data_dir)
     return _catalog_builder(name, data_dir)
 
 

@@ -149,6 +149,14 @@ class Stem(nn.Module):
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
+        height, width = x.shape[1:3]
+        if height % p or width % p:  # a VALID patch convolution would drop the remainder
+            sizes = sorted({max(p, height // p * p), -(-height // p) * p})
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the ViT's patch size {p}: "
+                f"its patches would drop the last {height % p} rows and {width % p} columns; "
+                f"use data.image_size={' or '.join(map(str, sizes))}"
+            )
         x = nn.Conv(
             self.width, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="embedding"
         )(x)

@@ -63,6 +63,16 @@ def _init(ctx, params, rng):
     regex = target_regex(ctx.knobs)
     flat = traverse_util.flatten_dict(dict(params), sep="/")
     chosen = targets(params, regex)
+    cnn = not any("MultiHeadDotProductAttention" in p for p in flat)
+    if not chosen and cnn and ctx.knobs.targets == ATTENTION:
+        # A CNN: the default targets are a ViT's attention (and MLP) Dense kernels. A conv kernel
+        # (kh, kw, in, out) factors as (kh*kw*in, rank) x (rank, out), peft's Conv2d LoRA of
+        # Hu et al. 2021's W + BA (github.com/huggingface/peft, src/peft/tuners/lora/layer.py).
+        raise ValueError(
+            "strategy=lora targets the Dense kernels of a ViT's attention by default and this "
+            "model has no attention (a CNN): use a ViT backbone (vit_ti4, vit_s16, ...), or "
+            "select conv kernels with strategy.lora.targets (e.g. '^stage3/.*/kernel$')"
+        )
     if not chosen:
         raise ValueError(
             f"strategy.lora.targets={regex!r} selects no kernel; the kernels are:\n  "
