@@ -140,16 +140,12 @@ def test_missing_files_give_one_line_naming_the_make_target_and_the_directory(tm
     assert "train-images-idx3-ubyte.gz" in message
 
 
-def test_a_run_without_the_files_exits_with_that_line(tmp_path, capsys):
+def test_a_run_without_the_files_exits_with_that_line(tmp_path, capsys, monkeypatch):
     spec = "configs/finetune.py:target=fashion_mnist,steps=2,batch_size=8,image_size=16"
     argv = [f"--config={spec}", f"--workdir={tmp_path / 'run'}",
             f"--config.data.data_dir={tmp_path / 'empty'}", "--config.progress=false"]  # fmt: skip
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        status = tlx_main.main(argv)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)  # configs/ paths are relative to the repository
+    status = tlx_main.main(argv)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tlx.main:")]
     assert status == 1
     assert len(lines) == 1 and re.search(r"DatasetNotPreparedError: .*make fashion-mnist", lines[0])
