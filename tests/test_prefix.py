@@ -37,9 +37,7 @@ BACKBONES = {
 def both_paths(tmp_path, backbone, depth, steps=STEPS):
     """(image batches, cached batches, image state, cached state, cache info) after `steps`
     updates of strategy freeze_stages at `depth` from one random init, on each path."""
-    c = cfg(
-        f"{SPEC},strategy=freeze_stages,stages={depth}", **{"data.data_dir": str(tmp_path)}
-    )
+    c = cfg(f"{SPEC},strategy=freeze_stages,stages={depth}", **{"data.data_dir": str(tmp_path)})
     dataset = data.load(c.data)
     model = BACKBONES[backbone](dataset.num_classes)
     dummy = jnp.zeros((1, *dataset.image_shape), jnp.float32)

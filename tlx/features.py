@@ -154,7 +154,9 @@ class Suffix:
             return self.module.apply(variables, x, *args, **kwargs)
 
     def clone(self, **fields):
-        return Suffix(self.module.clone(**fields), self.at, self.before, self.last_out, self.cut_dtype)
+        return Suffix(
+            self.module.clone(**fields), self.at, self.before, self.last_out, self.cut_dtype
+        )
 
     def __getattr__(self, name):
         if name in ("module", "at", "before", "last_out", "cut_dtype"):  # not set yet (copy)
@@ -227,7 +229,9 @@ def cached(config, dataset, model, variables, batch_size: int, plan=None):
         )
         logging.warning("feature cache: %s", info["refused"])
         return dataset, model, info
-    key = cache_key(config, params, batch_stats, dataset.describe().get("fingerprint", ""), at, fields)
+    key = cache_key(
+        config, params, batch_stats, dataset.describe().get("fingerprint", ""), at, fields
+    )
     path = os.path.join(dataset.data_dir, "tlx_features", f"{key}.npz")
     info.update(key=key, path=path, hit=False, extract_s=0.0)
     arrays = _read(path)
