@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlx import compiler, data, features, freeze, models, strategies, train
+from tlx import compiler, data, features, freeze, models, strategies
 from tlx import config as tlx_config
 from tlx.models import vit
 
