@@ -44,6 +44,9 @@ def base() -> ml_collections.ConfigDict:
     # A frozen backbone with no augmentation trains its head on backbone features computed once
     # and cached on disk (tlx.features); False: on images every step.
     c.feature_cache = True
+    # A cache (all splits, float32) larger than this is refused and the run trains on images
+    # (0: no limit).
+    c.feature_cache_max_mb = 4096.0
     # Few-shot ridge probes of the backbone on other targets every `fewshot.every` steps (off: 0).
     c.fewshot = fewshot.default_config()
     c.config_version = CONFIG_VERSION
@@ -277,6 +280,7 @@ CHECKS = {
     "optim.label_smoothing": _num(0.0, 1.0, hi_open=True),
     "optim.lr_mults": _lr_mults,
     "feature_cache": _bool,
+    "feature_cache_max_mb": _num(0.0),
     "fewshot.every": _COUNT0,
     "fewshot.shots": _shots,
     "fewshot.seeds": _COUNT,

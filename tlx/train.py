@@ -151,8 +151,16 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
         variables, report = checkpoint.merge(
             dict(variables), source, list(config.init_reinit), config.init_reinit_init, source_name
         )
+        stages = models.stage_names(config.model.name)  # the freeze-depth axis of the backbone
+        depth = models.depth_of(stages, plan.phases[0].frozen_bn)
+        report.update(stages=list(stages), freeze_depth=depth)
         if distributed.is_main():
             checkpoint.write_report(workdir, report)
+            print(
+                f"[tlx] {config.model.name}: stages {', '.join(stages)} (freeze depth "
+                f"0..{len(stages) - 1}); this run starts at depth {depth}",
+                file=sys.stderr,
+            )
     state = plan.init_state(variables, phase)
     data_state = None
     if resumed_from is not None:
@@ -162,16 +170,18 @@ def _train(config, workdir, ckpt, resumed_from, splits, t_start) -> dict:
     if config.fewshot.every and config.fewshot.targets:
         probe = fewshot.make_fewshot_evaluator(config, plan.model(model, phase))
 
-    # -- the feature cache: a frozen backbone with no augmentation trains its head on features --
+    # -- the frozen-prefix cache: with no augmentation the rest trains on stage k's output --
     cache = None
     if features.applies(config, plan, dataset):  # computed by process 0, read by the others
-        image_dataset = dataset
+        image_dataset, image_model = dataset, model
         if distributed.is_main():
-            dataset, model, cache = features.cached(config, dataset, model, state, eval_batch_size)
+            dataset, model, cache = features.cached(
+                config, dataset, model, state, eval_batch_size, plan
+            )
         distributed.barrier("tlx_feature_cache")
         if not distributed.is_main():
             dataset, model, cache = features.cached(
-                config, image_dataset, model, state, eval_batch_size
+                config, image_dataset, image_model, state, eval_batch_size, plan
             )
     train_iter = dataset.train_iter(
         batch_size,

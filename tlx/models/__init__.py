@@ -1,6 +1,9 @@
 """Backbones by name. Every model is a Flax module called as `model.apply(vars, x, train=...)`
 whose top-level submodules are `stem`, `stage1`..`stageN`, `head` and which takes the fields
 `num_classes`, `frozen_bn` (stages that run BatchNorm on running statistics) and `axis_name`.
+
+Freeze depth is one axis for every backbone: depth k in 0..S freezes the stem and stage1..k
+(0: nothing, S: every stage, the linear probe); `stage_names` lists a backbone's stages.
 """
 
 import functools
@@ -48,3 +51,43 @@ def build(name: str, num_classes: int, **kwargs):
         raise ValueError(f"unknown backbone {name!r}; available: {sorted(MODELS)}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def stage_names(name: str, **kwargs) -> tuple[str, ...]:
+    """The stages of backbone `name` in network order, without the head: ('stem', 'stage1', ..,
+    'stageS'); S = `max_depth`. ResNets: one per block group; MobileNetV2 and EfficientNet-Lite:
+    one per resolution (1/4..1/32); ViTs: `num_stages` groups of encoder blocks."""
+    model = build(name, 2, **kwargs)
+    if isinstance(model, resnet.ResNet):
+        s = len(model.stage_sizes)
+    elif isinstance(model, mobilenet_v2.InvertedResidualNet):
+        s = len(model.stages) - 1  # stages[0] is the stem's rows
+    elif isinstance(model, vit.ViT):
+        s = model.num_stages
+    else:  # pragma: no cover - every entry of MODELS is one of the above
+        raise TypeError(f"{name}: no stage list for {type(model).__name__}")
+    return ("stem", *(f"stage{k}" for k in range(1, s + 1)))
+
+
+def max_depth(name: str, **kwargs) -> int:
+    """S: the freeze depth that freezes every stage of backbone `name` (a linear probe)."""
+    return len(stage_names(name, **kwargs)) - 1
+
+
+def frozen_at_depth(stages, depth: int) -> list[str]:
+    """The stages freeze depth `depth` freezes: [] for 0, else the stem and stage1..depth."""
+    if not 0 <= depth <= len(stages) - 1:
+        raise ValueError(
+            f"freeze depth {depth} is out of range: this backbone has stages stem, "
+            f"stage1..stage{len(stages) - 1}; use 0..{len(stages) - 1}"
+        )
+    return list(stages[: depth + 1]) if depth else []
+
+
+def depth_of(stages, frozen) -> int:
+    """The freeze depth of a run whose frozen stages are `frozen`: the largest k whose stages
+    (`frozen_at_depth`) are all frozen."""
+    k = 0
+    while k < len(stages) - 1 and set(stages[: k + 2]) <= set(frozen):
+        k += 1
+    return k
