@@ -15,7 +15,9 @@ what it does):
     vpt (prompts, deep).
 bn: frozen | train_affine | train_stats | train (BatchNorm in frozen parts).
 augment=false turns crops off; with linear_probe that trains the head on cached features.
-examples_per_class=N subsamples the target's train split (0: all).
+examples_per_class=N subsamples the target's train split (0: all); the draw follows `seed`
+(subset_seed=-1) unless subset_seed=K pins it. val_per_class=N keeps N per class of the val
+carve (0: all of it), drawn with the subset's seed: a small target's honest validation split.
 """
 
 from tlx import config as tlx_config
@@ -28,6 +30,8 @@ ARGS = {
     "strategy": "none",
     "init_from": "",
     "examples_per_class": 0,
+    "subset_seed": -1,  # -1: the run's seed
+    "val_per_class": 0,
     "classes": 0,
     "steps": 150,
     "seed": 0,
@@ -54,6 +58,9 @@ def get_config(arg=None):
     tlx_config.set_dataset(c.data, a["target"], "target", a["classes"])
     c.data.image_size = a["image_size"]
     c.data.examples_per_class = a["examples_per_class"]
+    if a["examples_per_class"] or a["val_per_class"]:  # else no draw: the field stays at 0
+        c.data.subset_seed = a["seed"] if a["subset_seed"] < 0 else a["subset_seed"]
+    c.data.val_examples_per_class = a["val_per_class"]
     if not a["augment"]:
         c.data.augment.crop_padding, c.data.augment.flip = 0, False
     c.freeze.bn = a["bn"]

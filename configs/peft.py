@@ -136,7 +136,7 @@ def get_sweep(arg=None) -> list[dict]:
                     "name": f"{q['similarity']}/{q['size']}/{strategy}/{seed}",
                     "config": f"{HERE}/finetune.py:backbone={a['backbone']},"
                     f"target={q['target']},{strategy_arg(strategy, a)},"
-                    f"examples_per_class={q['examples_per_class']},steps={a['steps']},"
+                    f"examples_per_class={q['examples_per_class']},subset_seed=0,steps={a['steps']},"
                     f"seed={seed},image_size={a['image_size']},batch_size={a['batch_size']}",
                     "overrides": _overrides(a, tiny, "target", q["target"]),
                     "init_from": "source",

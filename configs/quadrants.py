@@ -113,7 +113,7 @@ def _finetune_spec(a: dict, q: dict, strategy: str, seed: int) -> str:
     return (
         f"{HERE}/finetune.py:backbone={a['backbone']},target={q['target']},"
         f"strategy={strategy},"
-        f"examples_per_class={q['examples_per_class']},steps={a['steps']},seed={seed},"
+        f"examples_per_class={q['examples_per_class']},subset_seed=0,steps={a['steps']},seed={seed},"
         f"image_size={a['image_size']},batch_size={a['batch_size']}"
     )
 

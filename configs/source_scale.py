@@ -104,7 +104,7 @@ def get_sweep(arg=None) -> list[dict]:
     for similarity, target in (("similar", a["similar"]), ("different", a["different"])):
         finetune = (
             f"{HERE}/finetune.py:backbone={a['backbone']},target={target},"
-            f"examples_per_class={a['examples_per_class']},steps={a['steps']},"
+            f"examples_per_class={a['examples_per_class']},subset_seed=0,steps={a['steps']},"
             f"image_size={a['image_size']},batch_size={a['batch_size']}"
         )
         overrides = {"data.fractals.resolution": a["image_size"]} if target == "fractals" else {}

@@ -208,6 +208,53 @@ def recommend(sim: dict, per_class: float, num_stages: int) -> dict:
     return {"strategy": name, "args": cli_args(name), "frozen_stages": frozen, "why": steps}
 
 
+# -- the depth curve, pre-registered -------------------------------------------------------------
+# Written and committed before the freeze-depth benchmark (configs/depth.py) ran, and scored on it
+# by experiments/bench_advise.py, which prints this file's last commit. Nothing here was fitted on
+# that benchmark: `recommend` is unchanged from the version scored on the quadrant studies, and the
+# curve only orders the depths around its choice. Freeze depth d freezes the stem and stage1..d
+# (0: nothing, S: every stage, the linear probe), as `recommend`'s `frozen_stages` does.
+def depth_curve(advice: dict) -> list[dict]:
+    """Per freeze depth 0..S, the advisor's predicted rank (1 = best) and the evidence it has for
+    that depth: the ridge probe's k-fold accuracy on the training split of the last frozen
+    stage's features (`probe`, None at depth 0, where nothing is frozen) with its SE. The rank
+    is by distance from `recommend`'s depth, nearer first, the deeper (cheaper) first on a tie.
+    It is a ranking, not an accuracy forecast: the probe of stage d bounds what a frozen prefix
+    through d offers a linear head, not what training the stages above it adds."""
+    rows = {r["stage"]: r for r in advice["stages"]}
+    s = len(advice["stages"]) - 1
+    best = advice["recommendation"]["frozen_stages"]
+    order = sorted(range(s + 1), key=lambda d: (abs(d - best), -d))
+    rank = {d: i + 1 for i, d in enumerate(order)}
+    out = []
+    for d in range(s + 1):
+        r = rows.get(f"stage{d}") if d else None
+        out.append(
+            {
+                "depth": d,
+                "rank": rank[d],
+                "probe": None if r is None else r["probe"]["accuracy"],
+                "probe_se": None if r is None else r["probe"]["se"],
+            }
+        )
+    return out
+
+
+def probe_depth(advice: dict) -> int:
+    """The alternative scored beside `recommend`, also fixed before the benchmark: the deepest
+    stage whose probe is within one SE of the best stage's (`similarity`'s one-SE rule), with no
+    cap and no size step; the stem's index 0 counts as depth 0."""
+    return int(advice["similarity"]["deepest_general_index"])
+
+
+def logme_depth(advice: dict) -> int:
+    """argmax over stages of LogME (You et al. 2021), the transferability baseline: the depth
+    whose last frozen stage has the highest evidence; the stem counts as depth 0."""
+    scores = [r["logme"]["value"] for r in advice["stages"]]
+    scores = [-np.inf if v is None else v for v in scores]  # None: undefined (rank F = N)
+    return int(max(range(len(scores)), key=lambda i: scores[i]))
+
+
 def cli_args(name: str) -> str:
     """A `preset_name` as configs/finetune.py's short args: 'freeze_stages=2' ->
     'strategy=freeze_stages,stages=2' (what --config=configs/finetune.py:...,ARGS takes)."""
@@ -263,6 +310,7 @@ def advise(
         "cache": cache,
         "wall_s": {"load": t1 - t0, "features": t2 - t1, "probes": time.time() - t2},
     }
+    advice["curve"] = depth_curve(advice)
     advice["wall_s"]["total"] = time.time() - t0
     return advice
 

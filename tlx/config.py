@@ -247,6 +247,7 @@ CHECKS = {
     "data.val_fraction": _num(0.0, 1.0, lo_open=True, hi_open=True),
     "data.examples_per_class": _COUNT0,
     "data.subset_seed": _COUNT0,
+    "data.val_examples_per_class": _COUNT0,
     "data.in_memory": _one_of("auto", "true", "false"),
     "data.workers": _COUNT0,
     "data.eval_crop_fraction": _num(0.0, 1.0),

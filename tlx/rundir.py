@@ -18,7 +18,11 @@ import time
 IGNORE = ("progress", "tensorboard", "data.data_dir", "resume_history")
 # Fields added after runs existed, left out of the hash and the resume check while at their
 # default (which computes what runs before them did), so no existing run changes its hash.
-OMIT_AT_DEFAULT = {"model.dtype": "float32", "feature_cache_max_mb": 4096.0}
+OMIT_AT_DEFAULT = {
+    "model.dtype": "float32",
+    "feature_cache_max_mb": 4096.0,
+    "data.val_examples_per_class": 0,
+}
 
 
 def comparable(tree: dict) -> dict:

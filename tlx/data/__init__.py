@@ -62,7 +62,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.val_fraction = 0.1
     # 0 = all; else exactly this many per class from what remains of train after the val carve.
     c.examples_per_class = 0
+    # The draw of that subset (configs/finetune.py sets it to the run's seed unless a study pins
+    # it, so seeds differ in their examples as well as their initialisation and batch order).
     c.subset_seed = 0
+    # 0 = the whole val carve; else exactly this many per class drawn from it (with
+    # subset_seed): the validation split a user with that many held-out examples has. A small
+    # target's model selection then rests on as little data as a real small target's does.
+    c.val_examples_per_class = 0
     # 'auto': in memory when the decoded train + test splits fit
     # tlx.data.stream.IN_MEMORY_BUDGET_BYTES (256 MiB) and nothing needs the stored images;
     # 'true': decoded and resized once, kept in memory; 'false': streamed from the records.

@@ -42,6 +42,7 @@ BUILTIN = ("fractals", "fractaldb", *PACKAGED, "fashion_mnist")
 # The real targets: greyscale images, fed to every backbone through `backbone_input`.
 REAL_TARGETS = (*PACKAGED, "fashion_mnist")
 VAL_SPLIT_SEED = 1_000_003  # fixed: the val carve never depends on a run's seed
+VAL_SUBSET_OFFSET = 7_919  # data.val_examples_per_class draws with subset_seed + this
 IMAGENET_MEAN, IMAGENET_STD = (np.array(v, np.float32) for v in ops.NORMALIZATION["imagenet"])
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
@@ -270,15 +271,26 @@ def carve(train_labels: np.ndarray, cfg: ml_collections.ConfigDict):
     if cfg.examples_per_class:
         k, seed = int(cfg.examples_per_class), int(cfg.subset_seed)
         keep = per_class_subset(train_labels, keep, k, seed)
+    if cfg.get("val_examples_per_class", 0):
+        k, seed = int(cfg.val_examples_per_class), int(cfg.subset_seed)
+        # Its own stream ([seed, class] draws the train subset): val is not the train pick.
+        val = per_class_subset(train_labels, val, k, seed + VAL_SUBSET_OFFSET, "val")
     return keep, val
 
 
-def per_class_subset(labels: np.ndarray, indices: np.ndarray, k: int, seed: int) -> np.ndarray:
+def per_class_subset(
+    labels: np.ndarray, indices: np.ndarray, k: int, seed: int, split: str = "train"
+) -> np.ndarray:
     """Exactly ``k`` of ``indices`` per class, sorted; nested in ``k`` for a fixed ``seed``."""
     chosen = []
     for c in np.unique(labels[indices]):
         members = indices[labels[indices] == c]
         if len(members) < k:
+            if split == "val":
+                raise ValueError(
+                    f"data.val_examples_per_class={k} but class {c} has only {len(members)} "
+                    "examples in the validation carve; lower it or raise data.val_fraction"
+                )
             raise ValueError(
                 f"examples_per_class={k} but class {c} has only {len(members)} training examples "
                 "left after the validation carve"
