@@ -494,3 +494,29 @@ def test_procedural_generators_are_pinned_to_their_version():
         h.update(fractaldb.render(coef, k, "train", range(30), 32, 0).tobytes())
     got["fractaldb"] = (str(fractaldb.FractalDB.VERSION), h.hexdigest()[:16])
     assert got == PINNED, "a generator changed: bump its builder's VERSION, then this digest"
+
+
+def test_val_examples_per_class_draws_a_small_val_split_from_the_carve(data_dir):
+    full = data.load(config(data_dir, "digits"))
+    small = data.load(config(data_dir, "digits", examples_per_class=5, val_examples_per_class=4))
+    other = data.load(
+        config(data_dir, "digits", examples_per_class=5, val_examples_per_class=4, subset_seed=1)
+    )
+    assert np.bincount(small.labels["val"]).tolist() == [4] * 10
+    assert set(small.indices["val"]) <= set(full.indices["val"])  # from the carve, not train
+    assert not set(small.indices["val"]) & set(small.indices["train"])
+    assert set(other.indices["val"]) != set(small.indices["val"])  # redrawn with the subset
+    with pytest.raises(ValueError, match="val_examples_per_class=99 .* lower it"):
+        data.load(config(data_dir, "digits", val_examples_per_class=99))
+
+
+def test_the_finetune_config_redraws_the_subset_per_seed_unless_pinned():
+    from tlx import config as tlx_config
+
+    def data_of(args):
+        return tlx_config.load(f"configs/finetune.py:target=digits,{args}").data
+
+    assert data_of("examples_per_class=5,seed=3").subset_seed == 3
+    assert data_of("examples_per_class=5,seed=3,subset_seed=0").subset_seed == 0
+    assert data_of("seed=3").subset_seed == 0  # no subset drawn: the field stays at its default
+    assert data_of("examples_per_class=5,val_per_class=4").val_examples_per_class == 4
