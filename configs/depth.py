@@ -63,6 +63,7 @@ PRESETS = {
 # capped by the first, the validation split by the second.
 POOL = {"fashion_mnist": 5400, "mnist5k": 360, "digits": 125, "lfw_subset": 72}
 VAL_CAP = {"fashion_mnist": 600, "mnist5k": 40, "digits": 14, "lfw_subset": 8}
+CLASSES = {"fashion_mnist": 10, "mnist5k": 10, "digits": 10, "lfw_subset": 2}
 
 
 def lr_grid(depth, grid: str = "full") -> list[dict]:
@@ -104,11 +105,13 @@ def depths_of(a: dict) -> list[int]:
 def _spec(a: dict, target: str, size: int, strategy: str, seed: int) -> str:
     val = min(size, VAL_CAP.get(target, size)) if size else 0
     init = "" if strategy.startswith("scratch") else a["init_from"]
+    # A batch no larger than the training set (lfw_subset at 10/class has 20 images).
+    batch = min(a["batch_size"], size * CLASSES.get(target, 10)) if size else a["batch_size"]
     return (
         f"{HERE}/finetune.py:backbone={a['backbone']},init_from={init},target={target},"
         f"strategy={strategy},examples_per_class={size},val_per_class={val},"
         f"steps={a['steps']},seed={seed},image_size={a['image_size']},"
-        f"batch_size={a['batch_size']},augment=false"
+        f"batch_size={batch},augment=false"
     )
 
 
