@@ -513,3 +513,44 @@ def test_the_report_command_says_in_one_line_what_is_wrong(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tlx.report: FileNotFoundError:") and err.count("\n") == 1
+
+
+def test_holm_multiplies_the_ith_smallest_p_by_m_minus_i_plus_1_and_keeps_the_order():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> monotone: 0.06
+    got = report.stats.holm([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15)
+    assert report.stats.holm([0.5, 0.6]) == [1.0, 1.0]
+
+
+def test_tost_is_the_larger_one_sided_p_against_the_margin():
+    # mean 0, s = 0.01, se = 0.01 / sqrt(3): t = 0.01 / se = sqrt(3) on 2 degrees of freedom,
+    # whose cdf is 1/2 + t / (2 sqrt(2 + t^2)): p = 1/2 - sqrt(3) / (2 sqrt(5)) on both sides
+    got = report.stats.tost([0.0, 0.01, -0.01], margin=0.01)
+    assert got["p"] == pytest.approx(0.5 - math.sqrt(3) / (2 * math.sqrt(5)), abs=1e-12)
+    assert report.stats.tost([0.001, -0.001] * 5, margin=0.01)["p"] < 1e-6  # equivalent
+    assert report.stats.tost([0.02, 0.021, 0.019], margin=0.01)["p"] > 0.5  # 2 pp: not
+    assert math.isnan(report.stats.tost([0.01], margin=0.01)["p"])
+
+
+def test_regret_is_against_the_oracle_chosen_on_validation_with_a_bootstrap_over_conditions():
+    def row(size, strategy, test, val):
+        return {"size": size, "strategy": strategy, "seed": 0, "test_accuracy": test,
+                "val_accuracy": val}  # fmt: skip
+
+    rows = [
+        row("small", "none", 0.70, 0.80),  # the oracle here (validation), and the rule's pick
+        row("small", "linear_probe", 0.75, 0.70),  # better on test, but not chosen: no regret
+        row("large", "none", 0.90, 0.90),  # the oracle
+        row("large", "linear_probe", 0.80, 0.85),  # the rule's pick: 0.1 regret
+    ]
+    rule = {"small": "none", "large": "linear_probe"}
+    got = report.stats.regret(
+        rows, ["size", "strategy", "seed"], "strategy", lambda c: rule[c["size"]]
+    )
+    by_size = {c["size"]: c for c in got["conditions"]}
+    assert by_size["small"]["oracle"] == "none" and by_size["small"]["regret"] == 0.0
+    assert by_size["large"]["regret"] == pytest.approx(0.1, abs=1e-12)
+    assert got["mean"] == pytest.approx(0.05, abs=1e-12)
+    assert 0.0 <= got["ci_low"] <= got["mean"] <= got["ci_high"] <= 0.1 + 1e-12
+    with pytest.raises(ValueError, match="picks 'lora'"):
+        report.stats.regret(rows, ["size", "strategy", "seed"], "strategy", lambda c: "lora")

@@ -86,14 +86,8 @@ def plot_lines(
             ax.set_xscale("log")
         elif all(float(r[x]).is_integer() for r in group):  # e.g. frozen stages (a mean)
             ax.set_xticks(sorted({r[x] for r in group}))
-        ax.set_title(" ".join(str(k) for k in key), fontsize=9)
-        ax.set_xlabel(xlabel or x)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    axs[-1].legend(fontsize=7, title=hue)
-    fig.savefig(path, dpi=120)
-    write_csv(path[:-4] + ".csv", used)
-    return path
+        _label(ax, key, xlabel or x, "test accuracy (%)")
+    return _save(fig, axs, path, used, hue)
 
 
 def plot_against_fraction(
@@ -112,14 +106,8 @@ def plot_against_fraction(
             ax.annotate(str(r[between]), (x, y), xytext=(3, 3), textcoords="offset points",
                         fontsize=6)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_title(" ".join(str(k) for k in key), fontsize=9)
-        ax.set_xlabel("trained parameters (% of the model's)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    axs[-1].legend(fontsize=6, title=between)
-    fig.savefig(path, dpi=120)
-    write_csv(path[:-4] + ".csv", fractions)
-    return path
+        _label(ax, key, "trained parameters (% of the model's)", "test accuracy (%)")
+    return _save(fig, axs, path, fractions, between, fontsize=6)
 
 
 def plot_learning_curves(curves: list[dict], hue: str, facet: Sequence[str], path: str) -> str:
@@ -129,13 +117,23 @@ def plot_learning_curves(curves: list[dict], hue: str, facet: Sequence[str], pat
         for value, line in group_by(group, [hue]).items():
             ax.plot([r["step"] for r in line], [r["loss"] for r in line], label=str(value[0]))
         ax.set_yscale("log")
-        ax.set_title(" ".join(str(k) for k in key), fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axs[-1].legend(fontsize=7, title=hue)
+        _label(ax, key, "step", "training loss (mean over seeds)")
+    return _save(fig, axs, path, curves, hue)
+
+
+def _label(ax, key: tuple, xlabel: str, ylabel: str) -> None:
+    """A panel's title (its facet values), axis labels and grid."""
+    ax.set_title(" ".join(str(k) for k in key), fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, axs, path: str, rows: list[dict], legend: str, fontsize: int = 7) -> str:
+    """The legend on the last panel, then the PNG at `path` and the CSV of `rows` beside it."""
+    axs[-1].legend(fontsize=fontsize, title=legend)
     fig.savefig(path, dpi=120)
-    write_csv(path[:-4] + ".csv", curves)
+    write_csv(path[:-4] + ".csv", rows)
     return path
 
 

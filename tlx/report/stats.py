@@ -244,3 +244,84 @@ def trained_fractions(rows: list[dict], axes: Sequence[str]) -> list[dict]:
         row.update(t_interval([r[FIRST_FIGURE] for r in group]))
         out.append(row)
     return out
+
+
+# -- multiplicity, equivalence, regret -------------------------------------------------------------
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979, "A simple sequentially rejective multiple
+    test procedure"), in the given order: the i-th smallest p times (m - i + 1), made monotone
+    and capped at 1. Rejecting where adjusted p < alpha controls the family-wise error rate at
+    alpha. By hand: statsmodels (multipletests(method='holm')) is not a tlx dependency, and
+    scipy has only the false discovery rate procedures."""
+    p = np.asarray(p_values, np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = stepped
+    return [float(v) for v in out]
+
+
+def tost(diffs: Sequence[float], margin: float = 0.01) -> dict:
+    """Paired two one-sided t-tests of equivalence (Schuirmann 1987) of differences a - b over
+    seeds: H0 mean <= -margin and H0 mean >= margin, each a one-sided t-test with n-1 degrees of
+    freedom; p = the larger p. Equivalent at level alpha iff p < alpha, i.e. the (1 - 2 alpha)
+    t-interval lies inside (-margin, margin). margin in accuracy units (0.01: 1 pp). nan below
+    two seeds or with no spread."""
+    from scipy import stats
+
+    x = np.asarray(diffs, np.float64)
+    n = len(x)
+    mean = float(x.mean()) if n else math.nan
+    se = float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    if not se > 0:
+        return {"n": n, "mean": mean, "margin": margin, "p": math.nan}
+    p_low = float(stats.t.sf((mean + margin) / se, n - 1))  # against mean <= -margin
+    p_high = float(stats.t.cdf((mean - margin) / se, n - 1))  # against mean >= margin
+    return {"n": n, "mean": mean, "margin": margin, "p": max(p_low, p_high)}
+
+
+def regret(
+    rows: list[dict],
+    axes: Sequence[str],
+    between: str,
+    pick,
+    metric: str = FIRST_FIGURE,
+    select: str = "val_accuracy",
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """How much test accuracy a rule loses against the oracle, per condition (the axes but
+    `between` and the seed): the oracle is the value of `between` with the best mean `select`
+    (validation accuracy: what a user could choose on), the rule's is `pick(condition)` (a dict
+    of the condition's axes -> a value of `between`). Regret = mean metric(oracle) - mean
+    metric(rule). Returns the per-condition rows and the mean regret with a percentile bootstrap
+    interval over conditions (scipy.stats.bootstrap; nan with fewer than two conditions)."""
+    from scipy import stats
+
+    keys = [k for k in axes if k not in (between, SEED)]
+    per = []
+    for key, group in group_by(rows, keys).items():
+        condition = dict(zip(keys, key, strict=True))
+        by_value = group_by(group, [between])
+        mean = {v[0]: float(np.mean([r[metric] for r in g])) for v, g in by_value.items()}
+        chosen = {v[0]: float(np.mean([r[select] for r in g])) for v, g in by_value.items()}
+        oracle = max(chosen, key=chosen.get)  # the first of equals
+        rule = pick(condition)
+        if rule not in mean:
+            raise ValueError(f"regret: the rule picks {rule!r} at {condition}, which did not run")
+        per.append(
+            {**condition, "oracle": oracle, "rule": rule, "regret": mean[oracle] - mean[rule]}
+        )
+    values = np.array([r["regret"] for r in per])
+    low = high = math.nan
+    if len(values) > 1 and np.ptp(values) > 0:
+        ci = stats.bootstrap(
+            (values,), np.mean, confidence_level=confidence, method="percentile",
+            random_state=np.random.default_rng(seed),
+        ).confidence_interval  # fmt: skip
+        low, high = float(ci.low), float(ci.high)
+    elif len(values) > 1:
+        low = high = float(values[0])
+    mean_regret = float(values.mean()) if len(values) else math.nan
+    return {"conditions": per, "mean": mean_regret, "ci_low": low, "ci_high": high}
