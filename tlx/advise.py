@@ -27,7 +27,8 @@ from tlx import checkpoint, compiler, models, probe, strategies
 from tlx import config as tlx_config
 from tlx import data as tlx_data
 
-FINETUNE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "finetune.py")
+# The fine-tuning config, packaged (configs/finetune.py at the top of the repository is this one).
+FINETUNE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "finetune.py")
 CACHE_VERSION = "advise-v1"
 # A target with at least this many training examples per class is "large" for the rule of thumb
 # and for the rule's size step. Chosen before any measurement (the studies' sizes are 3, 10 and
