@@ -28,7 +28,7 @@ Sizes larger than a target's training pool run at its whole pool (lfw_subset has
 import os
 
 from tlx import models
-from tlx.sweep import cell_config, choose_rates, parse_study_arg
+from tlx.study import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS = {

@@ -31,7 +31,7 @@ with backbone=...); from the command line it runs vit_ti4 itself, in minutes.
 import os
 
 from tlx import config as tlx_config
-from tlx.sweep import cell_config, choose_rates, parse_study_arg
+from tlx.study import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUADRANTS = tlx_config.load_module(os.path.join(HERE, "quadrants.py"), "study")
@@ -73,6 +73,15 @@ PRESETS = {
 # prompts), which their papers train at larger rates than pre-trained weights (LoRA on ViT-B
 # 1e-3 to 5e-3 with Adam, VPT's prompts at SGD base rates of 0.1 and more).
 PEFT = ("lora", "bitfit", "adapter", "vpt", "vpt_deep")
+# The quadrants study's report, and test accuracy against the trained share of the parameters.
+REPORT = {
+    **QUADRANTS.REPORT,
+    "plots": [
+        *QUADRANTS.REPORT["plots"][:-1],
+        {"plot": "accuracy_vs_trained_fraction", "facet": ["similarity", "size"]},
+        QUADRANTS.REPORT["plots"][-1],
+    ],
+}
 
 
 def strategy_arg(name: str, a: dict) -> str:

@@ -20,7 +20,7 @@ or `configs/quadrants.py:tiny,seeds=3`.
 
 import os
 
-from tlx.sweep import cell_config, choose_rates, parse_study_arg
+from tlx.study import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS = {
@@ -65,6 +65,18 @@ TINY_FRACTALS = {
 
 
 TARGET_CLASSES = 10  # both targets: 10 new fractal classes, and mnist5k / digits
+# The report (`tlx.study`: compare, rule_of_thumb, plots): strategies compared per quadrant, the
+# winners against the rule of thumb, accuracy against frozen depth and against examples per class.
+REPORT = {
+    "compare": "strategy",
+    "rule_of_thumb": True,
+    "plots": [
+        {"plot": "winner_heatmap", "rows": "size", "cols": "similarity"},
+        {"plot": "accuracy_vs_frozen_stages", "facet": ["target", "similarity"], "hue": "size"},
+        {"plot": "accuracy_vs_examples_per_class", "facet": ["target", "similarity"]},
+        {"plot": "learning_curves", "facet": ["target", "size"]},
+    ],
+}
 
 
 def lr_grid(strategy: str, grid: str) -> list[dict]:

@@ -22,7 +22,7 @@ fine-tuning runs of 14-91 s each (`--parallel=2`).
 
 import os
 
-from tlx.sweep import cell_config, choose_rates, parse_study_arg
+from tlx.study import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS = {
@@ -55,6 +55,19 @@ PRESETS = {
         "batch_size": 16,
         "grid": "tiny",
     },
+}
+# The report (`tlx.study`): strategies compared per source and target (no size axis: no rule of
+# thumb), accuracy against frozen depth.
+REPORT = {
+    "compare": "strategy",
+    "plots": [
+        {"plot": "accuracy_vs_frozen_stages", "facet": ["target", "similarity"]},
+        {"plot": "accuracy_vs_examples_per_class", "facet": ["target", "similarity"]},
+        {
+            "plot": "learning_curves",
+            "facet": ["source", "categories", "images_per_category", "source_images", "target"],
+        },
+    ],
 }
 
 

@@ -21,11 +21,25 @@ Args: classes (per half), train_per_class, base_steps, steps, cuts ('+'-separate
 
 import os
 
-from tlx.sweep import cell_config, choose_rates, parse_study_arg
+from tlx.study import cell_config, choose_rates, parse_study_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCKS = ("stem", "stage1", "stage2", "stage3")  # resnet_tiny, in network order
 TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random_frozen")
+# The report (`tlx.study`): treatments compared per cut; accuracy against the cut, with baseB
+# (the base net trained on the target half) as the reference line.
+REPORT = {
+    "compare": "treatment",
+    "plots": [
+        {
+            "plot": "accuracy_vs_axis",
+            "x": "cut",
+            "xlabel": "stages copied from the base net (n)",
+            "references": ["baseB"],
+        },
+        {"plot": "learning_curves", "facet": ["cut"]},
+    ],
+}
 # Sized for < 45 min on 2 CPU cores: 82 runs. 16x16 images cost a quarter of 32x32 ones (the
 # 40 transfer runs that fine-tune everything would take about 40 min alone at 32x32); 20 classes
 # with 54 training images each, to keep B's accuracy off the ceiling (with 108 per class baseB

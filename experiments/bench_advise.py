@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tlx import advise, sweep  # noqa: E402
+from tlx import advise, study, sweep  # noqa: E402
 from tlx import config as tlx_config  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -79,7 +79,7 @@ def same_source(run_dir: str, cell: dict) -> list[str]:
     over the keys both have (the config layout moves; what the run computes must not)."""
     with open(os.path.join(run_dir, "config.json")) as f:
         ran = json.load(f)
-    want = json.loads(sweep.cell_config(cell).to_json_best_effort())
+    want = json.loads(study.cell_config(cell).to_json_best_effort())
     diffs = []
     for key in ("seed", "total_steps", "batch_size", "model", "data", "optim"):
         x, y = ran.get(key), want.get(key)
@@ -113,7 +113,7 @@ def check_yosinski(a, cache: str) -> dict:
     The advisor, from baseA on B's training split, says general = stem..its deepest stage
     within one SE of the best probe; the study says general = the deepest cut n with AnB ~ BnB."""
     spec = "configs/yosinski.py"
-    cells = sweep.load_study(spec)
+    cells = study.load_study(spec)
     base = next(c for c in cells if c["name"] == "baseA")
     summary, secs, trained = run_cell(a.workdir, base)
     src_dir = os.path.join(a.workdir, "runs", sweep.resolve(base, {}, None)[1])
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
 
     scored, advisor_s, sources, yosinski = [], {}, {}, None
     for name, spec in STUDIES.items():
-        cells = sweep.load_study(spec)
+        cells = study.load_study(spec)
         source = next(c for c in cells if "axes" not in c)
         src_dir, summary, secs, trained = source_run(a.workdir, source, a.source)
         digest = os.path.basename(src_dir)
@@ -208,8 +208,8 @@ def main(argv=None) -> int:
                 "seed_table": seed["seed_table"],
                 "seed_table_hit": is_hit(seed["seed_table"], cond, paired),
                 "seed_table_verdict": seed["verdict"],
-                "seed_rule_measured": adv["seed_table"]["strategy"],
-                "seed_rule_measured_hit": is_hit(adv["seed_table"]["strategy"], cond, paired),
+                "seed_rule_measured": adv["rule_of_thumb"]["strategy"],
+                "seed_rule_measured_hit": is_hit(adv["rule_of_thumb"]["strategy"], cond, paired),
                 "full_ft_hit": is_hit("none", cond, paired),
                 **{f"always_{p}_hit": is_hit(p, cond, paired) for p in PRESETS},
                 "measured_similarity": adv["similarity"]["label"],
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         yosinski = check_yosinski(a, cache)
 
     # -- cost: the advisor against fine-tuning the four presets once on the same target --------
-    cells = sweep.load_study(STUDIES["quadrants"])
+    cells = study.load_study(STUDIES["quadrants"])
     source = next(c for c in cells if "axes" not in c)
     src_dir = source_run(a.workdir, source, a.source)[0]
     costs = {}

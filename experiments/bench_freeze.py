@@ -13,9 +13,9 @@ process CPU time (all of XLA's threads), which other jobs on the machine disturb
 time; the wall-time ratio is printed beside each. Last lines:
 `over_bare=` per strategy (tlx / bare, aim <= 1.05), `none_over_scratch=` (images/s of
 strategy=none over scratch, aim >= 0.95), `linear_probe_over_forward=` (XLA prunes the frozen
-backward: close to 1) and, for the PEFT strategies (lora, bitfit, adapter, vpt), `S_over_none=`
-(their step over full fine-tuning's). A strategy that adds parameters (LoRA's factors) trains
-them in the bare step too, the model running as the plan runs it (`plan.model`).
+backward: close to 1) and, for the strategies tagged 'peft' (lora, bitfit, adapter, vpt),
+`S_over_none=` (their step over full fine-tuning's). A strategy that adds parameters (LoRA's
+factors) trains them in the bare step too, the model running as the plan runs it (`plan.model`).
 """
 
 import argparse
@@ -35,7 +35,6 @@ STRATEGIES = (
     "none linear_probe freeze_most freeze_early freeze_stages gradual_unfreeze layer_decay lp_ft "
     "l2_sp surgical auto_rgn scratch"
 ).split()
-PEFT = ("lora", "bitfit", "adapter", "vpt")
 
 
 def setup(name, strategy, batch, size, classes, dtype="float32"):
@@ -177,7 +176,7 @@ def main():
             lines.append(
                 f"{name}: linear_probe_over_forward={t['linear_probe'] / t['forward']:.3f}"
             )
-        for s in (s for s in PEFT if s in names and "none" in names):
+        for s in (s for s in strategies.tagged("peft") if s in names and "none" in names):
             lines.append(f"{name}: {s}_over_none={t[s] / t['none']:.3f}")
     print("\n".join(lines))
     np.testing.assert_(all(np.isfinite(list(t.values()))))

@@ -28,8 +28,8 @@ QUADRANTS = (
     ("different/small", "mnist5k", "different", "small", 10),
     ("different/large", "mnist5k", "different", "large", 0),
 )
-# What the seed's table prescribes per quadrant (defined once, in tlx.strategies.presets).
-SEED_TABLE = {q: presets.seed_prescription(size, sim) for q, _, sim, size, _ in QUADRANTS}
+# What the rule of thumb prescribes per quadrant (defined once, in tlx.strategies.presets).
+RULE_OF_THUMB = {q: presets.rule_of_thumb(size, sim) for q, _, sim, size, _ in QUADRANTS}
 
 
 def run_once(spec: str, workdir: str, **overrides) -> dict:
@@ -111,7 +111,7 @@ def main():
     print(header)
     for q, accs in table.items():
         cells = "".join(f"{100 * accs[s]:14.1f}" for s in STRATEGIES)
-        print(f"{q:<17}{cells}  {winners[q]:<14}{SEED_TABLE[q]:<14}")
+        print(f"{q:<17}{cells}  {winners[q]:<14}{RULE_OF_THUMB[q]:<14}")
     wall = time.time() - t0
     print(
         f"\nsource (fractals, 30 classes) test accuracy {100 * pre['test_accuracy']:.1f}%; "
@@ -128,7 +128,7 @@ def main():
                 "pretrain_test_accuracy": pre["test_accuracy"],
                 "rows": rows,
                 "winners": winners,
-                "seed_table": SEED_TABLE,
+                "seed_table": RULE_OF_THUMB,
                 "wall_s": wall,
             },
             f,

@@ -8,7 +8,10 @@ import os
 
 import pytest
 
-from tlx import report
+from tlx import report, strategies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUADRANTS = os.path.join(ROOT, "configs", "quadrants.py")
 
 T_975_DF2 = 4.302652729749  # t(0.975) with 2 degrees of freedom (tables: 4.303)
 AXES = ["target", "size", "strategy", "seed"]
@@ -136,7 +139,7 @@ def test_the_winner_leaves_scratch_out_and_carries_its_paired_margin():
     assert (win["large"]["winner"], win["large"]["verdict"]) == ("none", "none better")
 
 
-def test_the_seed_table_is_checked_quadrant_by_quadrant_with_a_paired_gap():
+def test_the_rule_of_thumb_is_checked_quadrant_by_quadrant_with_a_paired_gap():
     quadrant_axes = ["similarity", "size", "strategy", "seed"]
     table = {
         ("similar", "large", "freeze_most"): [0.9, 0.9, 0.9],  # the prescribed one wins
@@ -152,7 +155,9 @@ def test_the_seed_table_is_checked_quadrant_by_quadrant_with_a_paired_gap():
         for (sim, size, st), accs in table.items()
         for i, acc in enumerate(accs)
     ]
-    got = {(r["similarity"], r["size"]): r for r in report.against_seed_table(rows, quadrant_axes)}
+    got = {
+        (r["similarity"], r["size"]): r for r in report.against_rule_of_thumb(rows, quadrant_axes)
+    }
     assert set(got) == {("similar", "large"), ("different", "large"), ("similar", "small")}
     agree = got["similar", "large"]
     assert (agree["seed_table"], agree["winner"], agree["verdict"]) == (
@@ -213,9 +218,9 @@ def write_fake_sweep(workdir):
         w.writerows(rows)
 
 
-def test_report_writes_tables_and_each_plot_with_the_csv_behind_it(tmp_path):
+def test_report_writes_tables_and_each_plot_the_study_declares_with_the_csv_behind_it(tmp_path):
     write_fake_sweep(tmp_path)
-    written = report.write_report(str(tmp_path))
+    written = report.write_study_report(str(tmp_path), study=QUADRANTS)
     names = {os.path.relpath(p, tmp_path) for p in written}
     assert {"summary.csv", "paired.csv", "winners.csv", "report.md"} <= names
     for plot in (
@@ -273,6 +278,14 @@ def counted_rows(table: dict) -> list[dict]:
                 }
             )
     return out
+
+
+def test_the_registry_tags_presets_peft_strategies_and_the_baseline():
+    assert strategies.tagged("preset") == [
+        *("none", "linear_probe", "freeze_most", "freeze_early", "freeze_stages")
+    ]
+    assert strategies.tagged("peft") == ["adapter", "bitfit", "lora", "vpt"]  # registration order
+    assert strategies.tagged("baseline") == ["scratch"]
 
 
 def test_peft_strategies_and_their_variants_are_told_from_freezing_presets():
@@ -371,6 +384,12 @@ def write_fake_peft_sweep(workdir, strategies: dict):
         w.writerows(rows)
 
 
+PEFT_REPORT = {
+    "compare": "strategy",
+    "plots": [{"plot": "accuracy_vs_trained_fraction", "facet": ["similarity", "size"]}],
+}
+
+
 def test_a_report_with_peft_strategies_puts_accuracy_against_the_trained_share(tmp_path):
     write_fake_peft_sweep(
         tmp_path,
@@ -380,7 +399,7 @@ def test_a_report_with_peft_strategies_puts_accuracy_against_the_trained_share(t
             "vpt_deep": {"similar": (60, 940, [0.75] * 3), "different": (35, 965, [0.55] * 3)},
         },
     )
-    written = report.write_report(str(tmp_path))
+    written = report.write_study_report(str(tmp_path), study=PEFT_REPORT)
     names = {os.path.relpath(p, tmp_path) for p in written}
     assert {"trained_fraction.csv", "plots/accuracy_vs_trained_fraction.png"} <= names
     assert os.path.getsize(tmp_path / "plots" / "accuracy_vs_trained_fraction.png") > 1000
@@ -419,8 +438,119 @@ def test_a_report_without_peft_strategies_has_no_trained_share(tmp_path):
             "none": {"similar": (1000, 0, [0.8] * 3)},
         },
     )
-    written = report.write_report(str(tmp_path))
+    written = report.write_study_report(str(tmp_path), study=PEFT_REPORT)
     names = {os.path.relpath(p, tmp_path) for p in written}
     assert "trained_fraction.csv" not in names
     assert not (tmp_path / "plots" / "accuracy_vs_trained_fraction.png").exists()
     assert "trained share" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_study_without_a_report_gets_summaries_comparisons_and_learning_curves(tmp_path):
+    write_fake_sweep(tmp_path)
+    written = report.write_study_report(str(tmp_path))
+    names = {os.path.relpath(p, tmp_path) for p in written}
+    assert names == {
+        *("summary.csv", "paired.csv", "winners.csv", "report.md"),
+        "plots/learning_curves.png",
+    }
+
+
+def test_a_results_csv_alone_is_reported_without_learning_curves_and_says_so(tmp_path, capsys):
+    write_fake_sweep(tmp_path)
+    for run in os.listdir(tmp_path / "runs"):
+        os.remove(tmp_path / "runs" / run / "metrics.jsonl")
+        os.rmdir(tmp_path / "runs" / run)
+    os.rmdir(tmp_path / "runs")
+    written = report.write_study_report(str(tmp_path), study=QUADRANTS)
+    assert "plots/winner_heatmap.png" in {os.path.relpath(p, tmp_path) for p in written}
+    assert not (tmp_path / "plots" / "learning_curves.png").exists()
+    assert f"{tmp_path}/runs/ not here: no learning curves" in capsys.readouterr().err
+
+
+def test_a_report_naming_an_axis_the_results_lack_is_one_error(tmp_path):
+    write_fake_sweep(tmp_path)
+    with pytest.raises(ValueError, match=r"has no axis \['treatment'\]"):
+        report.write_study_report(str(tmp_path), study={"compare": "treatment"})
+
+
+@pytest.mark.parametrize(
+    "name, spec",
+    [
+        ("peft", "configs/peft.py:image_size=16,steps=100,batch_size=32"),
+        ("yosinski", "configs/yosinski.py"),
+    ],
+)
+def test_the_committed_tables_are_what_the_reporter_makes_of_the_committed_results(
+    tmp_path, name, spec
+):
+    """experiments/results/NAME/ (written by `make ablations`) from its results.csv and
+    dependencies.csv alone: every table byte for byte (the plots' CSVs too)."""
+    committed = os.path.join(ROOT, "experiments", "results", name)
+    for f in ("results.csv", "dependencies.csv"):
+        with open(os.path.join(committed, f)) as src, open(tmp_path / f, "w") as dst:
+            dst.write(src.read())
+    written = report.write_study_report(str(tmp_path), study=os.path.join(ROOT, spec))
+    tables = [p for p in written if p.endswith((".csv", ".md"))]
+    tables += [p[:-4] + ".csv" for p in written if p.endswith(".png")]
+    assert len(tables) >= 5  # summary, paired, winners, report.md and a plot at least
+    for path in tables:
+        rel = os.path.relpath(path, tmp_path)
+        with open(path) as got, open(os.path.join(committed, rel)) as want:
+            assert got.read() == want.read(), rel
+
+
+def test_the_report_command_takes_the_study_file_and_prints_the_paths(tmp_path, capsys):
+    from tlx.report.__main__ import main
+
+    write_fake_sweep(tmp_path)
+    assert main([str(tmp_path), f"--study={QUADRANTS}"]) == 0
+    assert f"{tmp_path}/plots/winner_heatmap.png" in capsys.readouterr().out.split()
+
+
+def test_the_report_command_says_in_one_line_what_is_wrong(tmp_path, capsys):
+    from tlx.report.__main__ import main
+
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tlx.report: FileNotFoundError:") and err.count("\n") == 1
+
+
+def test_holm_multiplies_the_ith_smallest_p_by_m_minus_i_plus_1_and_keeps_the_order():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> monotone: 0.06
+    got = report.stats.holm([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15)
+    assert report.stats.holm([0.5, 0.6]) == [1.0, 1.0]
+
+
+def test_tost_is_the_larger_one_sided_p_against_the_margin():
+    # mean 0, s = 0.01, se = 0.01 / sqrt(3): t = 0.01 / se = sqrt(3) on 2 degrees of freedom,
+    # whose cdf is 1/2 + t / (2 sqrt(2 + t^2)): p = 1/2 - sqrt(3) / (2 sqrt(5)) on both sides
+    got = report.stats.tost([0.0, 0.01, -0.01], margin=0.01)
+    assert got["p"] == pytest.approx(0.5 - math.sqrt(3) / (2 * math.sqrt(5)), abs=1e-12)
+    assert report.stats.tost([0.001, -0.001] * 5, margin=0.01)["p"] < 1e-6  # equivalent
+    assert report.stats.tost([0.02, 0.021, 0.019], margin=0.01)["p"] > 0.5  # 2 pp: not
+    assert math.isnan(report.stats.tost([0.01], margin=0.01)["p"])
+
+
+def test_regret_is_against_the_oracle_chosen_on_validation_with_a_bootstrap_over_conditions():
+    def row(size, strategy, test, val):
+        return {"size": size, "strategy": strategy, "seed": 0, "test_accuracy": test,
+                "val_accuracy": val}  # fmt: skip
+
+    rows = [
+        row("small", "none", 0.70, 0.80),  # the oracle here (validation), and the rule's pick
+        row("small", "linear_probe", 0.75, 0.70),  # better on test, but not chosen: no regret
+        row("large", "none", 0.90, 0.90),  # the oracle
+        row("large", "linear_probe", 0.80, 0.85),  # the rule's pick: 0.1 regret
+    ]
+    rule = {"small": "none", "large": "linear_probe"}
+    got = report.stats.regret(
+        rows, ["size", "strategy", "seed"], "strategy", lambda c: rule[c["size"]]
+    )
+    by_size = {c["size"]: c for c in got["conditions"]}
+    assert by_size["small"]["oracle"] == "none" and by_size["small"]["regret"] == 0.0
+    assert by_size["large"]["regret"] == pytest.approx(0.1, abs=1e-12)
+    assert got["mean"] == pytest.approx(0.05, abs=1e-12)
+    assert 0.0 <= got["ci_low"] <= got["mean"] <= got["ci_high"] <= 0.1 + 1e-12
+    with pytest.raises(ValueError, match="picks 'lora'"):
+        report.stats.regret(rows, ["size", "strategy", "seed"], "strategy", lambda c: "lora")

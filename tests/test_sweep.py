@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tlx import config as tlx_config
-from tlx import sweep
+from tlx import study, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "configs/finetune.py")
@@ -51,10 +51,10 @@ def test_a_run_is_named_by_its_resolved_config_and_nothing_else():
 
 
 def test_study_args_take_presets_by_name_then_key_values():
-    a = sweep.parse_study_arg("tiny,seeds=4", {"seeds": 3, "steps": 100}, {"tiny": {"steps": 5}})
+    a = study.parse_study_arg("tiny,seeds=4", {"seeds": 3, "steps": 100}, {"tiny": {"steps": 5}})
     assert a == {"seeds": 4, "steps": 5}
     with pytest.raises(ValueError, match="unknown study preset"):
-        sweep.parse_study_arg("huge", {"seeds": 3}, {"tiny": {}})
+        study.parse_study_arg("huge", {"seeds": 3}, {"tiny": {}})
 
 
 STUDY = f'''

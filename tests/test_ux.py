@@ -248,7 +248,7 @@ def _advice():
         "stages": rows,
         "similarity": sim,
         "size": "small",
-        "seed_table": {"similarity": sim["label"], "size": "small", "strategy": "freeze_early"},
+        "rule_of_thumb": {"similarity": sim["label"], "size": "small", "strategy": "freeze_early"},
         "recommendation": advise.recommend(sim, 10, 4),
         "cache": {"hit": False},
         "wall_s": {"load": 3.0, "features": 22.0, "probes": 115.0, "total": 140.0},

@@ -5,8 +5,9 @@ the frozen backbone over the target's training split (never its val or test spli
       --examples_per_class=10 [--folds=3] [--out=DIR]
 
 Per stage (pooled stem, stage1..stageK outputs): a ridge probe's k-fold accuracy and LogME, with
-their spread over folds. From them, a similarity estimate, the seed's prescription from
-(similarity, size), and tlx's rule (see `recommend`), as a table and as DIR/advice.json.
+their spread over folds. From them, a similarity estimate, the rule of thumb's prescription
+from (size, similarity) (`tlx.strategies.rule_of_thumb`), and tlx's rule (see `recommend`), as
+a table and as DIR/advice.json.
 """
 
 import argparse
@@ -22,22 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlx import checkpoint, compiler, models, probe
+from tlx import checkpoint, compiler, models, probe, strategies
 from tlx import config as tlx_config
 from tlx import data as tlx_data
 
-FINETUNE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "finetune.py")
+# The fine-tuning config, packaged (configs/finetune.py at the top of the repository is this one).
+FINETUNE_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "finetune.py")
 CACHE_VERSION = "advise-v1"
-# A target with at least this many training examples per class is "large" for the seed's table
+# A target with at least this many training examples per class is "large" for the rule of thumb
 # and for the rule's size step. Chosen before any measurement (the studies' sizes are 3, 10 and
 # 216-360 per class: any threshold between 10 and 216 gives the same answers there).
 LARGE_PER_CLASS = 100
-SEED_TABLE = {  # the seed's 2x2 table, as tlx's presets
-    ("similar", "small"): "linear_probe",
-    ("similar", "large"): "freeze_most",
-    ("different", "small"): "freeze_early",
-    ("different", "large"): "none",
-}
 
 
 # -- the backbone and its per-stage features ------------------------------------------------------
@@ -192,7 +188,7 @@ def recommend(sim: dict, per_class: float, num_stages: int) -> dict:
        specificity and co-adaptation a frozen one keeps (Yosinski et al. 2014), and fine-tuning
        beats a linear probe in most transfer benchmarks (Kornblith et al. 2019; Kumar et al. 2022);
     3. on a large target (>= LARGE_PER_CLASS per class) one stage fewer: with data enough, the
-       seed's table fine-tunes more.
+       rule of thumb fine-tunes more.
     Few examples make the probe's folds noisy, so step 1's tolerance widens and the rule freezes
     more: size enters through the measurement too."""
     g = sim["deepest_general_index"]
@@ -301,10 +297,10 @@ def advise(
         "stages": rows,
         "similarity": sim,
         "size": size,
-        "seed_table": {
+        "rule_of_thumb": {
             "similarity": sim["label"],
             "size": size,
-            "strategy": SEED_TABLE[(sim["label"], size)],
+            "strategy": strategies.rule_of_thumb(size, sim["label"]),
         },
         "recommendation": recommend(sim, per_class, num_stages),
         "cache": cache,
@@ -329,7 +325,7 @@ def format_table(advice: dict) -> str:
             f"{r['stage']:<8} {r['dim']:>5} {100 * p['accuracy']:>10.1f} {100 * p['std']:>7.1f} "
             f"{100 * p['se']:>6.1f} {p['l2']:>8g} {_num(lm['value'], 8)} {_num(lm['std'], 7)}"
         )
-    s, rec, seed = advice["similarity"], advice["recommendation"], advice["seed_table"]
+    s, rec, rule = advice["similarity"], advice["recommendation"], advice["rule_of_thumb"]
     wall = advice["wall_s"]
     lines += [
         f"similarity: {s['label']} (last stage keeps {100 * s['retained']:.0f}% of the best "
@@ -337,7 +333,7 @@ def format_table(advice: dict) -> str:
         f"max(SE, 1 example) = {100 * s['tolerance']:.1f} pp of it: {s['deepest_general_stage']})",
         f"size: {advice['size']} ({advice['examples_per_class']['mean']:g}/class; large >= "
         f"{LARGE_PER_CLASS})",
-        f"seed's table ({seed['similarity']}, {seed['size']}): {cli_args(seed['strategy'])}",
+        f"seed's table ({rule['similarity']}, {rule['size']}): {cli_args(rule['strategy'])}",
         f"tlx recommends: {rec['args']} (frozen stages: {rec['frozen_stages']}; "
         + "; ".join(rec["why"])
         + ")",

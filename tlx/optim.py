@@ -127,14 +127,6 @@ def build(cfg, labels, schedules: dict, branch=None) -> optax.GradientTransforma
     return optax.multi_transform(transforms, labels)
 
 
-def make(cfg, labels, total_steps: int):
-    """(optax transform, {group: schedule}) for the groups present in `labels`."""
-    present = set(jax.tree.leaves(labels))
-    lrs = group_lrs(cfg)
-    schedules = {g: schedule(cfg, lrs[g], total_steps) for g in lrs if g in present}
-    return build(cfg, labels, schedules), schedules
-
-
 def carry_state(new_state, old_state):
     """`new_state` (a fresh init of the next phase's transform) with the state of every trainable
     group that both phases have taken over from `old_state`. A group's leaves never change

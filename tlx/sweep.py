@@ -4,18 +4,8 @@ DIR/results.csv, then the report (tables and plots) of `tlx.report`.
   python -m tlx.sweep --config=configs/quadrants.py[:ARGS] --workdir=DIR [--parallel=N]
       [--launcher=ray --ray_address=HEAD:6379 --ray_gpus_per_run=1]
 
-A study file declares `get_sweep(arg) -> list[cell]` beside `get_config`. A cell is a dict:
-
-  name       unique; other cells refer to it (needed when one does)
-  config     a config spec, 'configs/finetune.py:target=digits,...' (see `tlx.config.load`)
-  overrides  dotted config keys -> values, applied after the spec ({'data.image_size': 16})
-  init_from  the name of another cell: this cell starts from that cell's chosen run
-  grid       candidate overrides [{'optim.lr': 1e-3}, ...]; each is one run, and the run with the
-             best validation accuracy (the first of equals) is the cell's result. Default [{}].
-  grid_from  the name of another cell whose chosen grid point this cell uses (e.g. the same
-             cell at the first seed), instead of a grid of its own
-  axes       the cell's coordinates ({'strategy': ..., 'seed': ...}); cells with axes are the
-             rows of results.csv, cells without (pre-training runs) go to dependencies.csv
+A study file (`tlx.study`: its cells, their schema and checks) declares `get_sweep(arg)` and
+its `REPORT` beside `get_config`.
 
 Every run lives in DIR/runs/HASH, HASH being that of its resolved config (with `init_from` named
 by the hash of the run it starts from, so the hash doesn't depend on where DIR is). A run with a
@@ -45,6 +35,7 @@ import tempfile
 import time
 
 from tlx import launchers, rundir, user_modules
+from tlx.study import check_cells, check_configs, load_study
 
 # Per-cell columns of results.csv after the axes (then the chosen grid values, then timing).
 FIGURES = (
@@ -61,86 +52,6 @@ FIGURES = (
 )
 TIMING = ("wall_s", "cell_wall_s")  # differ between identical sweeps; the rest must not
 ALWAYS_SHOWN = ("optim.lr", "optim.head_lr")  # in results.csv whether a grid varies them or not
-
-
-# -- study files -----------------------------------------------------------------------------------
-def parse_study_arg(arg: str | None, defaults: dict, presets: dict[str, dict]) -> dict:
-    """'tiny,seeds=2' -> defaults updated by the preset 'tiny', then by seeds=2 (typed as the
-    defaults, see `tlx.config.parse_arg`). Bare words name presets; KEY=VALUE sets one arg."""
-    from tlx import config as tlx_config
-
-    out = dict(defaults)
-    rest = []
-    for item in (arg or "").split(","):
-        if not item:
-            continue
-        if "=" in item:
-            rest.append(item)
-        elif item in presets:
-            out.update(presets[item])
-        else:
-            raise ValueError(f"unknown study preset {item!r}; presets: {sorted(presets)}")
-    return tlx_config.parse_arg(",".join(rest), out)
-
-
-def choose_rates(cell: dict, seed: int, select: str, first_seed_cell: str, grid: list[dict]):
-    """The learning-rate choice of a study cell: its own `grid`, or (select='first_seed', seed > 0)
-    the point chosen by `first_seed_cell`, the same condition's seed-0 cell."""
-    if seed > 0 and select == "first_seed":
-        cell["grid_from"] = first_seed_cell
-    else:
-        cell["grid"] = grid
-    return cell
-
-
-def cell_config(cell: dict):
-    """A study cell's config alone (without init_from), unlocked: what a study file's
-    `get_config` returns, so `python -m tlx.main --config=configs/STUDY.py` trains it."""
-    from tlx import config as tlx_config
-
-    c = tlx_config.load(cell["config"], **cell["overrides"])
-    c.unlock()
-    return c
-
-
-def load_study(spec: str) -> list[dict]:
-    """The cells of `spec` ('configs/quadrants.py:tiny'), checked."""
-    from tlx import config as tlx_config
-
-    path, _, arg = spec.partition(":")
-    module = tlx_config.load_module(path, "study")
-    if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path} declares no get_sweep(arg): it is a run config, not a study")
-    return check_cells(module.get_sweep(arg or None), spec)
-
-
-def check_cells(cells, spec: str = "the study") -> list[dict]:
-    """Cells (dicts, see the module docstring) checked: unique names, known keys, references."""
-    cells = [dict(c) for c in cells]
-    names = [c["name"] for c in cells if "name" in c]
-    if len(names) != len(set(names)):
-        raise ValueError(f"cell names repeat in {spec}: {sorted(names)}")
-    known = set(names)
-    for c in cells:
-        unknown = set(c) - {"name", "config", "overrides", "init_from", "grid", "grid_from", "axes"}
-        if unknown:
-            raise ValueError(f"cell {c.get('name', c.get('axes'))} has unknown keys {unknown}")
-        for ref in ("init_from", "grid_from"):
-            if c.get(ref) and c[ref] not in known:
-                raise ValueError(f"cell {c.get('name')}: {ref}={c[ref]!r} names no cell")
-    return cells
-
-
-def check_configs(cells: list[dict]) -> None:
-    """Resolve every cell at every grid point before any training (`tlx.config.load` validates
-    each config): a bad value, an unknown strategy or key fails now, naming the cell."""
-    for c in cells:
-        for point in c.get("grid") or [{}]:
-            try:
-                resolve(c, point, "0" * 12 if c.get("init_from") else None)
-            except (ValueError, KeyError, FileNotFoundError) as e:
-                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-                raise ValueError(f"cell {c.get('name', c.get('axes'))}: {msg}") from None
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -595,7 +506,7 @@ def main(argv=None):
     if not args.no_report and rows:
         from tlx import report
 
-        for path in report.write_report(args.workdir):
+        for path in report.write_study_report(args.workdir, study=args.config):
             print(f"[sweep] wrote {path}")
     sys.stdout.flush()
     return 0

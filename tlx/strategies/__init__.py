@@ -5,7 +5,7 @@ selected one into a run's phases, optimizer and train step.
     strategies.register(strategies.Strategy("bitfit", frozen=lambda ctx: [r"^(?!head/).*kernel$"]))
     # then configs/finetune.py:strategy=bitfit
 
-`Strategy` (base.py) says what a strategy may contribute; `plan` (plan.py) is generic.
+`Strategy` (base.py) says what a strategy may contribute; `plan` (planning.py) is generic.
 """
 
 from tlx.strategies import (  # noqa: F401 - each module registers its strategies
@@ -22,13 +22,22 @@ from tlx.strategies import (  # noqa: F401 - each module registers its strategie
     surgical,
     vpt,
 )
-from tlx.strategies.base import REGISTRY, Branch, Context, Strategy, get, knobs_of, register
-from tlx.strategies.plan import PhaseSetup, Plan, StepInfo, StrategyModel, plan
-from tlx.strategies.presets import SEED_TABLE, seed_prescription
+from tlx.strategies.base import (
+    REGISTRY,
+    Branch,
+    Context,
+    Strategy,
+    get,
+    knobs_of,
+    register,
+    tagged,
+)
+from tlx.strategies.planning import PhaseSetup, Plan, StepInfo, StrategyModel, plan
+from tlx.strategies.presets import RULE_OF_THUMB, rule_of_thumb
 
 __all__ = [
     "REGISTRY",
-    "SEED_TABLE",
+    "RULE_OF_THUMB",
     "Branch",
     "Context",
     "Plan",
@@ -41,7 +50,8 @@ __all__ = [
     "names",
     "plan",
     "register",
-    "seed_prescription",
+    "rule_of_thumb",
+    "tagged",
 ]
 
 

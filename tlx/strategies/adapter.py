@@ -75,5 +75,6 @@ ADAPTER = register(
         frozen=_frozen,
         init_params=_init,
         model_fields=lambda ctx: {"adapter_dim": int(ctx.knobs.dim)},
+        tags=("peft",),
     )
 )

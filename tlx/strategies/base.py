@@ -5,7 +5,8 @@ A strategy contributes any of: the parameters it freezes (or its phases, each a 
 its frozen patterns), per-leaf LR multipliers, optax transforms around the base optimizer of each
 trainable branch, a loss term, a hook between steps, config defaults, and for parameter-efficient
 methods new leaves (LoRA factors, adapters, prompts) with how the model sees them. Everything else
-(masks, optimizer groups, schedules, the train step) is generic: `tlx.strategies.plan`.
+(masks, optimizer groups, schedules, the train step) is generic: `tlx.strategies.plan`
+(planning.py).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Strategy:
                      optax.chain(branch.tx, tlx.transforms.proximal_to_init(...))
     loss             fn(ctx) -> fn(params) -> scalar: a term added to the cross-entropy
     hook             fn(ctx) -> fn(info, state) -> state: called before every update on the host
-                     (`info`: a `tlx.strategies.plan.StepInfo`)
+                     (`info`: a `tlx.strategies.StepInfo`)
     config_defaults  {dotted config key: value} the strategy implies (scratch: its LRs); set when
                      the strategy is selected, explicit config args win
     from_scratch     True: the run starts from a random init, whatever init_from says
@@ -86,6 +87,9 @@ class Strategy:
                      merged, its factors dropped); `Plan.model` wraps the model to apply it
     model_fields     fn(ctx) -> {field: value}: module fields the model runs with (hooks that
                      default off: the ViT's adapter_dim, num_prompts); `Plan.model` clones with them
+    tags             what kind of strategy it is, for reports and benchmarks (`tagged`): 'preset'
+                     (freezes a fixed number of stages), 'peft' (parameter-efficient: trains added
+                     or few parameters), 'baseline' (reported beside, never a condition's winner)
     """
 
     name: str
@@ -103,6 +107,7 @@ class Strategy:
     init_params: Callable[[Context, Any, Any], Any] | None = None
     apply_params: Callable[[Context, Any], Any] | None = None
     model_fields: Callable[[Context], dict] | None = None
+    tags: tuple[str, ...] = ()
 
     def knob_config(self, values: dict | None = None) -> ml_collections.ConfigDict:
         """The strategy's config block: its knobs at their defaults, updated by `values`."""
@@ -146,6 +151,11 @@ def get(name: str) -> Strategy:
             "tlx.strategies.register adds one)"
         )
     return REGISTRY[name]
+
+
+def tagged(tag: str) -> list[str]:
+    """The registered strategies with `tag` (see `Strategy.tags`), in registration order."""
+    return [name for name, s in REGISTRY.items() if tag in s.tags]
 
 
 def knobs_of(config) -> ml_collections.ConfigDict:

@@ -12,5 +12,6 @@ BITFIT = register(
         "bitfit",
         "only biases, norm scales/biases and the head train",
         frozen=lambda ctx: [FROZEN],
+        tags=("peft",),
     )
 )

@@ -156,5 +156,6 @@ LORA = register(
         frozen=_frozen,
         init_params=_init,
         apply_params=lambda ctx, params: merge(params, float(ctx.knobs.alpha)),
+        tags=("peft",),
     )
 )

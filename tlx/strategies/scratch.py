@@ -9,5 +9,6 @@ SCRATCH = register(
         "random init, everything trains (the baseline)",
         config_defaults={"optim.lr": 1e-3, "optim.head_lr": 1e-3},
         from_scratch=True,
+        tags=("baseline",),
     )
 )

@@ -53,5 +53,6 @@ VPT = register(
             "num_prompts": int(ctx.knobs.prompts),
             "deep_prompts": bool(ctx.knobs.deep),
         },
+        tags=("peft",),
     )
 )
