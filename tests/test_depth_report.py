@@ -125,12 +125,18 @@ def test_write_depth_report(tmp_path):
         if not (d == "scratch")
         for s in range(3)
     ] + [row("a", 10, "scratch", s, 0.3 + 0.01 * s, 0.3) for s in range(3)]
+    for r in rows:
+        r["optim.lr"] = 3e-3
     with open(tmp_path / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     cells = [
-        {"name": "a/10/1/0", "grid": [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}]},
+        {
+            "name": "a/10/1/0",
+            "axes": {"target": "a", "size": 10, "depth": 1, "max_depth": S, "seed": 0},
+            "grid": [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}],
+        },
     ]
     written = depth.write_depth_report(str(tmp_path), cells)
     names = {os.path.basename(p) for p in written}
@@ -138,3 +144,4 @@ def test_write_depth_report(tmp_path):
     report = (tmp_path / "depth_report.md").read_text()
     assert "6 complete cells" in report
     assert "constant_2" in report
+    assert "grid edge: 1 of 1 (100%)" in report  # chose 3e-3, the top of (1e-3, 3e-3)

@@ -255,15 +255,21 @@ def grid_edges(choices: Sequence[dict]) -> dict:
 
 
 def grid_choices(rows: list[dict], study_cells: Sequence[dict]) -> list[dict]:
-    """The learning-rate choices of a study (the cells that ran their own grid), each with its
-    grid (from the study file's cells) and the point chosen (results.csv's optim.* columns)."""
-    by_name = {"/".join(str(r[k]) for k in (*CONDITION, "depth", "seed")): r for r in rows}
+    """The learning-rate choices of a study (the cells that ran a grid of two or more points),
+    each with its grid (from the study file's cells) and the point chosen (results.csv's optim.*
+    columns of the row whose axes are the cell's). Any study whose cells declare `axes` works."""
+
+    def key(axes: dict) -> tuple:
+        return tuple(sorted((k, str(v)) for k, v in axes.items()))
+
+    by_axes = {key(c["axes"]): c for c in study_cells if c.get("axes") is not None}
+    names = sorted({k for c in study_cells for k in c.get("axes") or {}})
     out = []
-    for c in study_cells:
-        row = by_name.get(c["name"])
-        if row is None or not c.get("grid") or len(c["grid"]) < 2:
+    for r in rows:
+        c = by_axes.get(key({k: r.get(k) for k in names}))
+        if c is None or len(c.get("grid") or ()) < 2:
             continue
-        out.append({"grid": c["grid"], "chosen": {k: row.get(k) for p in c["grid"] for k in p}})
+        out.append({"grid": c["grid"], "chosen": {k: r.get(k) for p in c["grid"] for k in p}})
     return out
 
 
