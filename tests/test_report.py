@@ -118,6 +118,21 @@ def test_a_difference_whose_interval_contains_zero_is_not_different():
     assert p["verdict"] == "not different"
 
 
+def test_the_winner_is_chosen_on_validation_and_reported_on_test():
+    rows = rows_of(
+        {
+            ("digits", "small", "a"): [0.90, 0.91, 0.92],  # best on test
+            ("digits", "small", "b"): [0.80, 0.81, 0.82],  # best on validation
+        }
+    )
+    for r in rows:
+        r["val_accuracy"] = 0.7 if r["strategy"] == "b" else 0.6
+    (w,) = report.winners(rows, AXES, "strategy")
+    assert (w["winner"], w["runner_up"], w["chosen_on"]) == ("b", "a", "val_accuracy")
+    assert w["winner_mean"] == pytest.approx(0.81)  # reported on test
+    assert w["margin"] == pytest.approx(-0.10)  # the test margin of the val winner: negative
+
+
 def test_the_winner_leaves_scratch_out_and_carries_its_paired_margin():
     rows = rows_of(
         {
@@ -167,7 +182,11 @@ def test_the_rule_of_thumb_is_checked_quadrant_by_quadrant_with_a_paired_gap():
     )
     tie = got["different", "large"]
     half = T_975_DF2 * 0.1 / math.sqrt(3)
-    assert (tie["seed_table"], tie["winner"], tie["verdict"]) == ("none", "freeze_early", "ties")
+    assert (tie["seed_table"], tie["winner"], tie["verdict"]) == (
+        "none",
+        "freeze_early",
+        "not different",
+    )
     assert tie["gap"] == pytest.approx(0.1, abs=1e-12)
     assert (tie["gap_ci_low"], tie["gap_ci_high"]) == pytest.approx((0.1 - half, 0.1 + half))
     lose = got["similar", "small"]

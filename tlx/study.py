@@ -40,6 +40,7 @@ PLOT_OPTIONS = {
     "accuracy_vs_examples_per_class": ("facet",),  # drawn when the training sets' sizes differ
     "accuracy_vs_trained_fraction": ("facet",),  # with its table, when a 'peft' strategy ran
     "learning_curves": ("facet", "hue"),  # needs DIR/runs/ (each chosen run's metrics.jsonl)
+    "depth_benchmark": (),  # tlx.report.depth: needs axes target, size, depth, max_depth, seed
 }
 REQUIRED = {"winner_heatmap": ("rows", "cols"), "accuracy_vs_axis": ("x",)}
 

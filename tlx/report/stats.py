@@ -137,24 +137,33 @@ def oriented_difference(
 
 
 def winners(
-    rows: list[dict], axes: Sequence[str], between: str, metric: str = FIRST_FIGURE
+    rows: list[dict],
+    axes: Sequence[str],
+    between: str,
+    metric: str = FIRST_FIGURE,
+    select: str = "val_accuracy",
 ) -> list[dict]:
-    """Per condition: the value of `between` with the best mean (baselines such as scratch, tagged
-    'baseline', not competing), the runner-up, the margin between their means and its paired
-    interval."""
+    """Per condition: the value of `between` with the best mean `select` (validation accuracy:
+    chosen on what a user could choose on, never on test), reported by its mean `metric` (test
+    accuracy); the runner-up on `select` too, and the paired `metric` interval of winner minus
+    runner-up. Baselines such as scratch (tagged 'baseline') do not compete. Rows without
+    `select` (older results) are ranked on `metric`, and the row says so in `chosen_on`."""
     keys = [k for k in axes if k not in (between, SEED)]
     summary = summarize(rows, axes, metric)
+    on = select if rows and all(isinstance(r.get(select), int | float) for r in rows) else metric
+    chosen = {tuple(r[k] for k in (*keys, between)): r["mean"] for r in summarize(rows, axes, on)}
     out = []
     for key, group in group_by(summary, keys).items():
         baseline = {r[between]: r["mean"] for r in group if _is_baseline(r[between])}
         ranked = sorted(
-            (r for r in group if not _is_baseline(r[between])), key=lambda r: -r["mean"]
+            (r for r in group if not _is_baseline(r[between])),
+            key=lambda r: -chosen[(*key, r[between])],
         )
         if not ranked:
             continue
         row = dict(zip(keys, key, strict=True))
         best = ranked[0]
-        row.update({"winner": best[between], "winner_mean": best["mean"]})
+        row.update({"winner": best[between], "winner_mean": best["mean"], "chosen_on": on})
         if len(ranked) > 1:
             second = ranked[1]
             cond = [r for r in rows if all(r[k] == v for k, v in zip(keys, key, strict=True))]
@@ -179,8 +188,9 @@ def against_rule_of_thumb(
 ) -> list[dict]:
     """Per (size, similarity) quadrant: the strategy the rule of thumb prescribes
     (`tlx.strategies.rule_of_thumb`) beside the measured winner, and the paired interval of
-    winner - prescribed over seeds. Verdict: 'agrees' (the prescribed strategy won), 'ties' (it
-    lost, but the interval contains zero) or 'disagrees'. Empty unless the study has the
+    winner - prescribed over seeds. Verdict: 'agrees' (the prescribed strategy won on
+    validation), 'not different' (it lost, but the test interval contains zero: not shown to
+    differ, which is not shown to be the same) or 'disagrees'. Empty unless the study has the
     quadrant axes and the prescribed strategies."""
     if not {"size", "similarity", "strategy"} <= set(axes):
         return []
@@ -212,7 +222,7 @@ def against_rule_of_thumb(
                     "gap": ci["mean"],
                     "gap_ci_low": ci["ci_low"],
                     "gap_ci_high": ci["ci_high"],
-                    "verdict": {"not different": "ties", "too few seeds": said}.get(
+                    "verdict": {"not different": "not different", "too few seeds": said}.get(
                         said, "disagrees"
                     ),
                 }

@@ -107,7 +107,7 @@ def _fmt(v):
 def markdown(rows: list[dict], columns: Sequence[str] | None = None, percent=()) -> str:
     """A markdown table; columns in `percent` are printed as percentages with one decimal."""
     columns = list(columns or (rows[0] if rows else []))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
         for c in columns:

@@ -28,6 +28,7 @@ class Context:
     summary: list[dict]
     win: list[dict]
     fractions: list[dict] = dataclasses.field(default_factory=list)
+    spec: str | None = None  # the study file's spec, when the report was given one
 
     @property
     def conditions(self) -> list[str]:
@@ -63,6 +64,7 @@ def write_study_report(workdir: str, study: str | dict | None = None) -> list[st
     if rule_rows:  # the file name the committed reports have
         written.append(tables.write_csv(os.path.join(workdir, "seed_table.csv"), rule_rows))
     ctx = Context(workdir, rows, axes, compare, summary, win)
+    ctx.spec = study if isinstance(study, str) else None
     for options in declared["plots"]:
         options = dict(options)
         written += PLOTS[options.pop("plot")](ctx, **options)
@@ -163,6 +165,15 @@ def learning_curves(ctx: Context, facet=None, hue=None) -> list[str]:
     return [plots.plot_learning_curves(curves, hue, facet, ctx.plot_path("learning_curves"))]
 
 
+def depth_benchmark(ctx: Context) -> list[str]:
+    """The freeze-depth benchmark's tables, plots and depth_report.md (`tlx.report.depth`); the
+    study file's cells, when known, give the share of learning-rate choices on a grid edge."""
+    from tlx.report import depth
+
+    cells = tlx_study.load_study(ctx.spec) if ctx.spec else []
+    return depth.write_depth_report(ctx.workdir, cells)
+
+
 PLOTS = {
     "winner_heatmap": winner_heatmap,
     "accuracy_vs_axis": accuracy_vs_axis,
@@ -170,4 +181,5 @@ PLOTS = {
     "accuracy_vs_examples_per_class": accuracy_vs_examples_per_class,
     "accuracy_vs_trained_fraction": accuracy_vs_trained_fraction,
     "learning_curves": learning_curves,
+    "depth_benchmark": depth_benchmark,
 }
