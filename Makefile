@@ -68,14 +68,15 @@ bench: $(STAMP)
 STUDIES := quadrants=configs/quadrants.py yosinski=configs/yosinski.py \
 	quadrants_small3=configs/quadrants.py:small=3,sizes=small,batch_size=30 \
 	source_scale=configs/source_scale.py \
-	peft=configs/peft.py:image_size=16,steps=100,batch_size=32
+	peft=configs/peft.py:image_size=16,steps=100,batch_size=32 \
+	depth=configs/depth.py
 ablations: $(STAMP)
 	for study in $(STUDIES); do \
 	  s=$${study%%=*}; start=$$(date +%s); \
 	  $(PY) -m tlx.sweep --config=$${study#*=} --workdir=runs/$$s || exit 1; \
 	  echo "$$s: $$(( $$(date +%s) - start )) s wall"; \
 	  mkdir -p experiments/results/$$s/plots; \
-	  cp runs/$$s/*.csv runs/$$s/report.md experiments/results/$$s/; \
+	  cp runs/$$s/*.csv runs/$$s/*.md experiments/results/$$s/; \
 	  cp runs/$$s/plots/* experiments/results/$$s/plots/; \
 	done
 

@@ -61,6 +61,8 @@ PRESETS = {
 }
 # Per class in each target's training pool and val carve (data.val_fraction = 0.1): a size is
 # capped by the first, the validation split by the second.
+# The report (tlx.report): depths compared within each (target, size); tlx.report.depth's tables.
+REPORT = {"compare": "depth", "plots": [{"plot": "depth_benchmark"}]}
 POOL = {"fashion_mnist": 5400, "mnist5k": 360, "digits": 125, "lfw_subset": 72}
 VAL_CAP = {"fashion_mnist": 600, "mnist5k": 40, "digits": 14, "lfw_subset": 8}
 CLASSES = {"fashion_mnist": 10, "mnist5k": 10, "digits": 10, "lfw_subset": 2}

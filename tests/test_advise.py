@@ -228,7 +228,7 @@ def test_cli_end_to_end_on_a_fractal_pretrained_resnet_tiny(pretrained, tmp_path
     assert advise.main(args) == 0
     first = json.loads((tmp_path / "out" / "advice.json").read_text())
     table = capsys.readouterr().out
-    assert "tlx recommends:" in table and "rule of thumb" in table
+    assert "tlx recommends:" in table and "seed's table" in table
     assert [r["stage"] for r in first["stages"]] == ["stem", "stage1", "stage2", "stage3"]
     assert first["recommendation"]["strategy"] in ("none", "freeze_early", "freeze_most")
     assert first["examples_per_class"] == {"mean": 10.0, "min": 10}
