@@ -114,13 +114,8 @@ def main(argv=None) -> int:
     best = min(
         (r for r in table if r["rule"].startswith("constant_")), key=lambda r: r["regret_pp"]
     )
-    per = {}
-    for name in ("advisor", best["rule"]):
-        per[name] = [
-            100 * (cell[depth.oracle_depth(cell)]["test_accuracy"] - cell[rules[name](
-                dict(zip(depth.CELL, key, strict=True)))]["test_accuracy"])
-            for key, cell in cells.items()
-        ]  # fmt: skip
+    per = {name: depth.cell_regrets(cells, rules[name]) for name in ("advisor", best["rule"])}
+    per = {name: [per[name][k][0] for k in cells] for name in per}
     diff = np.array(per["advisor"]) - np.array(per[best["rule"]])
     lo, hi = depth.bootstrap_mean(diff)
     os.makedirs(a.workdir, exist_ok=True)

@@ -21,11 +21,12 @@ paired on seeds.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tlx.report import stats
+from tlx.report import stats, tables
 
 CELL = ("target", "size", "seed")
 CONDITION = ("target", "size")
@@ -116,27 +117,31 @@ def bootstrap_mean(values: Sequence[float], confidence=0.95, seed=0) -> tuple[fl
     return float(ci.low), float(ci.high)
 
 
+def cell_regrets(table: dict[tuple, dict[int, dict]], rule: Callable[[dict], int]) -> dict:
+    """{cell: (regret in pp, hit)} of `rule` over `cells`' table; a cell where the rule picks a
+    depth the study did not run (a subset of depths) is left out."""
+    out = {}
+    for key, cell in table.items():
+        o, d = oracle_depth(cell), rule(dict(zip(CELL, key, strict=True)))
+        if d in cell:
+            out[key] = (100 * (cell[o]["test_accuracy"] - cell[d]["test_accuracy"]), d == o)
+    return out
+
+
 def regret_table(rows: list[dict], rules: dict[str, Callable[[dict], int]] | None = None):
     """Per rule: mean regret (pp) over cells with its bootstrap interval, hits (regret 0 because
     the rule picked the oracle), and the cells scored. Default rules: `simple_rules`."""
     table = cells(rows)
     if not table:
         return []
-    depths = _depths(rows)
     s = int(next(iter(next(iter(table.values())).values()))["max_depth"])
-    rules = rules if rules is not None else simple_rules(s, depths)
+    rules = rules if rules is not None else simple_rules(s, _depths(rows))
     out = []
     for name, rule in rules.items():
-        regrets, hits = [], 0
-        for key, cell in table.items():
-            axes = dict(zip(CELL, key, strict=True))
-            o, d = oracle_depth(cell), rule(axes)
-            if d not in cell:  # a depth the study did not run (a subset of depths)
-                continue
-            regrets.append(100 * (cell[o]["test_accuracy"] - cell[d]["test_accuracy"]))
-            hits += d == o
-        if not regrets:
+        per = cell_regrets(table, rule)
+        if not per:
             continue
+        regrets = [r for r, _ in per.values()]
         low, high = bootstrap_mean(regrets)
         out.append(
             {
@@ -144,7 +149,7 @@ def regret_table(rows: list[dict], rules: dict[str, Callable[[dict], int]] | Non
                 "regret_pp": float(np.mean(regrets)),
                 "ci_low": low,
                 "ci_high": high,
-                "hits": hits,
+                "hits": sum(hit for _, hit in per.values()),
                 "cells": len(regrets),
             }
         )
@@ -273,9 +278,8 @@ def grid_choices(rows: list[dict], study_cells: Sequence[dict]) -> list[dict]:
     return out
 
 
-def plot_depth(summary: list[dict], path: str) -> str:
-    """Test accuracy against freeze depth, a panel per target, a line per size, scratch as a
-    dashed line per size; 95% t-intervals over seeds."""
+def _panels(summary: list[dict], path: str, xlabel: str, draw) -> str:
+    """A panel per target, `draw(ax, rows, color, label)` once per size in it, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,67 +289,53 @@ def plot_depth(summary: list[dict], path: str) -> str:
     fig, axs = plt.subplots(1, len(targets), figsize=(3.4 * len(targets), 3.0), squeeze=False)
     for ax, t in zip(axs[0], targets, strict=True):
         for i, size in enumerate(dict.fromkeys(r["size"] for r in summary if r["target"] == t)):
-            line = [r for r in summary if r["target"] == t and r["size"] == size]
-            pts = sorted((r for r in line if r["depth"] != "scratch"), key=lambda r: r["depth"])
-            xs = [r["depth"] for r in pts]
-            color = f"C{i}"
-            label = f"{size}/class" if size else "all"
-            ax.plot(xs, [100 * r["test_mean"] for r in pts], "o-", color=color, label=label)
-            low = np.clip([100 * r["test_ci_low"] for r in pts], 0, 100)
-            high = np.clip([100 * r["test_ci_high"] for r in pts], 0, 100)
-            ax.fill_between(xs, low, high, color=color, alpha=0.2)
-            for r in line:
-                if r["depth"] == "scratch":
-                    ax.axhline(100 * r["test_mean"], ls="--", color=color, lw=1)
+            rows = [r for r in summary if r["target"] == t and r["size"] == size]
+            draw(ax, rows, f"C{i}", f"{size}/class" if size else "all")
         ax.set_title(t, fontsize=9)
-        ax.set_xlabel("freeze depth (0: train all)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_depth(summary: list[dict], path: str) -> str:
+    """Test accuracy against freeze depth, a panel per target, a line per size, scratch as a
+    dashed line per size; 95% t-intervals over seeds."""
+
+    def draw(ax, rows, color, label):
+        pts = sorted((r for r in rows if r["depth"] != "scratch"), key=lambda r: r["depth"])
+        xs = [r["depth"] for r in pts]
+        ax.plot(xs, [100 * r["test_mean"] for r in pts], "o-", color=color, label=label)
+        low = np.clip([100 * r["test_ci_low"] for r in pts], 0, 100)
+        high = np.clip([100 * r["test_ci_high"] for r in pts], 0, 100)
+        ax.fill_between(xs, low, high, color=color, alpha=0.2)
+        for r in rows:
+            if r["depth"] == "scratch":
+                ax.axhline(100 * r["test_mean"], ls="--", color=color, lw=1)
+
+    return _panels(summary, path, "freeze depth (0: train all)", draw)
 
 
 def plot_frontier(summary: list[dict], path: str) -> str:
     """Test accuracy against the seconds of a run (`run_seconds`), a point per depth labelled
     with it, a panel per target, a colour per size: the cost-accuracy frontier."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax, rows, color, label):
+        xs, ys = [r["cost_s"] for r in rows], [100 * r["test_mean"] for r in rows]
+        ax.plot(xs, ys, "o", color=color, label=label)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate("s" if r["depth"] == "scratch" else str(r["depth"]), (x, y), fontsize=7)
 
-    targets = list(dict.fromkeys(r["target"] for r in summary))
-    fig, axs = plt.subplots(1, len(targets), figsize=(3.4 * len(targets), 3.0), squeeze=False)
-    for ax, t in zip(axs[0], targets, strict=True):
-        for i, size in enumerate(dict.fromkeys(r["size"] for r in summary if r["target"] == t)):
-            pts = [r for r in summary if r["target"] == t and r["size"] == size]
-            label = f"{size}/class" if size else "all"
-            ax.plot(
-                [r["cost_s"] for r in pts], [100 * r["test_mean"] for r in pts], "o",
-                color=f"C{i}", label=label,
-            )  # fmt: skip
-            for r in pts:
-                d = "s" if r["depth"] == "scratch" else str(r["depth"])
-                ax.annotate(d, (r["cost_s"], 100 * r["test_mean"]), fontsize=7)
-        ax.set_title(t, fontsize=9)
-        ax.set_xlabel("seconds per run (cache build included)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _panels(summary, path, "seconds per run (cache build included)", draw)
 
 
 def write_depth_report(workdir: str, study_cells: Sequence[dict] = ()) -> list[str]:
     """The depth benchmark's tables (depth_summary, oracle, regret, against_winner CSVs), its two
     plots and depth_report.md, from workdir/results.csv; `study_cells` (the study file's cells)
     for the share of learning-rate choices on a grid edge. Returns the paths written."""
-    import os
-
-    from tlx.report import tables
-
     rows, _ = tables.read_results(workdir)
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     summary = by_depth(rows)
@@ -363,6 +353,15 @@ def write_depth_report(workdir: str, study_cells: Sequence[dict] = ()) -> list[s
     ]
     written.append(plot_depth(summary, os.path.join(workdir, "plots", "accuracy_vs_depth.png")))
     written.append(plot_frontier(summary, os.path.join(workdir, "plots", "frontier.png")))
+    path = os.path.join(workdir, "depth_report.md")
+    with open(path, "w") as f:
+        f.write(_markdown(rows, summary, paired, regret, oracle, edges))
+    written.append(path)
+    return written
+
+
+def _markdown(rows, summary, paired, regret, oracle, edges) -> str:
+    """depth_report.md: the tables of `write_depth_report`, each under its heading."""
     lines = [
         "# Freeze-depth benchmark",
         "",
@@ -423,8 +422,4 @@ def write_depth_report(workdir: str, study_cells: Sequence[dict] = ()) -> list[s
         + (f" ({100 * edges['share']:.0f}%)." if edges["choices"] else "."),
         "",
     ]
-    path = os.path.join(workdir, "depth_report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    written.append(path)
-    return written
+    return "\n".join(lines)
