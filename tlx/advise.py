@@ -188,7 +188,7 @@ def recommend(sim: dict, per_class: float, num_stages: int) -> dict:
        specificity and co-adaptation a frozen one keeps (Yosinski et al. 2014), and fine-tuning
        beats a linear probe in most transfer benchmarks (Kornblith et al. 2019; Kumar et al. 2022);
     3. on a large target (>= LARGE_PER_CLASS per class) one stage fewer: with data enough, the
-       rule of thumb fine-tunes more.
+       seed's table fine-tunes more.
     Few examples make the probe's folds noisy, so step 1's tolerance widens and the rule freezes
     more: size enters through the measurement too."""
     g = sim["deepest_general_index"]
